@@ -1,0 +1,12 @@
+"""Algorithms = gradient oracle x local optimizer x communication rule.
+
+Each component is one file of this package that registers itself; the named
+algorithms (csgd, dsgd, dsgd-ac, sam, ad-sam, lamb, d-lamb) are presets of the
+three choices (presets.py). Any other combination works through flags, e.g.
+--algo dsgd --grad sam is decentralized SAM.
+"""
+
+from algorithms.base import ORACLES, OPTIMIZERS, PRESETS, RULES, StepContext, build_algorithm  # noqa: F401
+from bench.registry import import_submodules
+
+import_submodules("algorithms")

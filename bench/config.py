@@ -1,0 +1,267 @@
+"""RunConfig: one training run, frozen, validated, hashable.
+
+Built from CLI flags or a dict (TOML). `resolve()` fills what depends on other
+fields (the model from the data set, the preset's components, steps from
+epochs, the linearly scaled learning rate); the resolved configuration is what
+gets written to config.json and hashed into the run id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+from bench.errors import UserError
+from bench.registry import unknown_name
+
+SCHEDULES = ("constant", "multistep", "cosine")
+ORDERS = ("cta", "atc")
+DEVICES = ("cpu", "cuda")
+
+# Fields that do not change what a run computes: left out of the run id and of grouping.
+NON_SEMANTIC = ("results", "data_dir", "download", "device", "executor", "force", "backend", "procs",
+                "dist_timeout")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # what is compared
+    algo: str = "dsgd"
+    topology: str = "ring"
+    workers: int = 16
+    dataset: str = "mnist1d"
+    model: Optional[str] = None  # None: the data set's default
+    partition: str = "iid"
+    seed: int = 0
+    # components (None: the preset's)
+    grad: Optional[str] = None
+    opt: Optional[str] = None
+    comm: Optional[str] = None
+    order: str = "cta"
+    # training length and batch
+    batch: int = 32  # per worker; total batch = workers * batch
+    steps: Optional[int] = None
+    epochs: float = 60.0  # used when steps is None; one epoch = N_train // total_batch steps
+    # learning rate
+    lr: float = 0.1
+    lr_scaling: str = "none"  # none | linear (lr * total_batch / ref_batch)
+    ref_batch: int = 128
+    schedule: str = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    warmup: int = 0
+    # local optimizer
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    wd_1d: bool = True  # weight decay on 1-D parameters (biases, norm scales)
+    betas: tuple[float, float] = (0.9, 0.999)  # LAMB
+    eps: float = 1e-6  # LAMB
+    clip: float = 0.0  # LAMB: global gradient-norm clipping, 0 = off
+    # DSGD-AC
+    p: float = 3.0
+    ac_start: str = "0"  # fraction of training ("0.1") or an epoch ("10ep"); never before warmup ends
+    gamma_min: float = 0.0
+    # SAM / AD-SAM
+    rho: float = 0.05
+    adaptive: bool = False
+    sigma: float = 0.01
+    sigma_mode: str = "filter"  # filter (sigma * ||filter||) | absolute
+    samples: int = 1
+    # evaluation
+    eval_every: int = 0  # 0: about 10 evaluations per run; always at the end
+    eval_train_samples: int = 2048
+    val_fraction: float = 0.0
+    hessian: bool = True
+    hessian_method: str = "lanczos"
+    hessian_samples: int = 0  # 0: whole training set if <= 5000 samples, else 2048
+    hessian_trace: bool = False
+    # where and how (not part of the run id)
+    device: str = "cpu"
+    executor: str = "auto"
+    results: str = "results"
+    data_dir: Optional[str] = None
+    download: bool = False
+    backend: str = "simulated"
+    procs: int = 1
+    dist_timeout: float = 120.0
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        names = {f.name for f in fields(cls)}
+        for k in d:
+            if k not in names:
+                raise UserError(unknown_name("option", k, sorted(names)))
+        kw = dict(d)
+        for k in ("milestones", "betas"):
+            if k in kw and kw[k] is not None:
+                kw[k] = tuple(float(v) for v in kw[k])
+        return cls(**kw)
+
+    def replace(self, **kw) -> "RunConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("milestones", "betas"):
+            d[k] = list(d[k])
+        return d
+
+    def semantic_dict(self, with_seed: bool = True) -> dict[str, Any]:
+        d = {k: v for k, v in self.to_dict().items() if k not in NON_SEMANTIC}
+        if not with_seed:
+            d.pop("seed")
+        return d
+
+    def config_id(self) -> str:
+        """Hash of everything that defines the experiment except the seed (groups seeds together)."""
+        return _hash(self.semantic_dict(with_seed=False))
+
+    def run_id(self) -> str:
+        topo = self.topology.replace("/", "_").replace(":", "-")[:24] if self.comm_rule() != "allreduce" else "allreduce"
+        return f"{self.algo}-{topo}-n{self.workers}-b{self.batch}-s{self.seed}-{_hash(self.semantic_dict())[:8]}"
+
+    def comm_rule(self) -> str:
+        from algorithms import PRESETS
+
+        return self.comm or (PRESETS.get(self.algo)["comm"] if self.algo in PRESETS else "?")
+
+    @property
+    def total_batch(self) -> int:
+        return self.workers * self.batch
+
+    # ------------------------------------------------------------------
+    def validate(self) -> "RunConfig":
+        """Check names and ranges; raise UserError with one line on the first problem."""
+        import algorithms
+        import topologies
+        from bench.data import DATASETS, parse_dirichlet
+        from bench.models import MODELS
+
+        algorithms.PRESETS.get(self.algo)
+        for reg, v in ((algorithms.ORACLES, self.grad), (algorithms.OPTIMIZERS, self.opt), (algorithms.RULES, self.comm)):
+            if v is not None:
+                reg.get(v)
+        topologies.TOPOLOGIES.get(self.topology.split(":", 1)[0])
+        DATASETS.get(self.dataset)
+        if self.model is not None and not self.model.startswith("timm:"):
+            MODELS.get(self.model)
+        if self.partition != "iid":
+            parse_dirichlet(self.partition)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("order", self.order, ORDERS)
+        _choice("lr-scaling", self.lr_scaling, ("none", "linear"))
+        _choice("device", self.device, DEVICES)
+        _choice("hessian-method", self.hessian_method, ("lanczos", "power"))
+        _choice("sigma-mode", self.sigma_mode, ("filter", "absolute"))
+        _choice("executor", self.executor, ("auto", "native", "loop"))
+        _positive_int("workers", self.workers)
+        _positive_int("batch", self.batch)
+        _positive_int("ref-batch", self.ref_batch)
+        _positive_int("samples", self.samples)
+        if self.steps is not None:
+            _positive_int("steps", self.steps)
+        elif not self.epochs > 0:
+            raise UserError(f"--epochs must be > 0 (got {self.epochs})")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be > 0 (got {self.lr})")
+        if not 0 <= self.momentum < 1:
+            raise UserError(f"--momentum must be in [0, 1) (got {self.momentum})")
+        if self.weight_decay < 0:
+            raise UserError(f"--weight-decay must be >= 0 (got {self.weight_decay})")
+        if self.warmup < 0:
+            raise UserError(f"--warmup must be >= 0 (got {self.warmup})")
+        if any(not 0 < m < 1 for m in self.milestones):
+            raise UserError(f"--milestones are fractions of training in (0, 1) (got {list(self.milestones)})")
+        if any(not 0 <= b < 1 for b in self.betas):
+            raise UserError(f"--betas must be in [0, 1) (got {list(self.betas)})")
+        if not self.eps > 0:
+            raise UserError(f"--eps must be > 0 (got {self.eps})")
+        if self.clip < 0:
+            raise UserError(f"--clip must be >= 0 (got {self.clip})")
+        if not self.rho > 0:
+            raise UserError(f"--rho must be > 0 (got {self.rho})")
+        if self.sigma < 0:
+            raise UserError(f"--sigma must be >= 0 (got {self.sigma})")
+        if self.p < 0:
+            raise UserError(f"--p must be >= 0 (got {self.p}); DSGD-AC uses p >= 2 (default 3)")
+        if not 0 <= self.gamma_min <= 1:
+            raise UserError(f"--gamma-min must be in [0, 1] (got {self.gamma_min})")
+        self.ac_start_value()
+        if self.eval_every < 0:
+            raise UserError(f"--eval-every must be >= 0 (got {self.eval_every})")
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
+        return self
+
+    def ac_start_value(self) -> tuple[str, float]:
+        s = str(self.ac_start).strip()
+        try:
+            if s.endswith("ep"):
+                v = float(s[:-2])
+                if v < 0:
+                    raise ValueError
+                return "epoch", v
+            v = float(s)
+            if not 0 <= v <= 1:
+                raise ValueError
+            return "fraction", v
+        except ValueError:
+            raise UserError(f"--ac-start {s!r}: give a fraction of training in [0, 1] (e.g. 0.1) "
+                            f"or an epoch (e.g. 10ep)") from None
+
+    def resolve(self, n_train: int, default_model: str) -> "RunConfig":
+        """Fill the fields that depend on the data set and the preset."""
+        from algorithms import PRESETS
+        from bench.data import epoch_steps
+
+        preset = PRESETS.get(self.algo)
+        kw: dict[str, Any] = {}
+        if self.model is None:
+            kw["model"] = default_model
+        for k in ("grad", "opt", "comm"):
+            if getattr(self, k) is None:
+                kw[k] = preset[k]
+        if self.steps is None:
+            kw["steps"] = max(1, round(self.epochs * epoch_steps(n_train, self.total_batch)))
+        if self.lr_scaling == "linear":
+            kw["lr"] = self.lr * self.total_batch / self.ref_batch
+            kw["lr_scaling"] = "none"  # the resolved lr is final
+        return self.replace(**kw)
+
+
+def _choice(name: str, value: str, valid) -> None:
+    if value not in valid:
+        raise UserError(unknown_name(f"--{name} value", value, valid))
+
+
+def _positive_int(name: str, v: int) -> None:
+    if not isinstance(v, int) or v < 1:
+        raise UserError(f"--{name} must be a positive integer (got {v})")
+
+
+def _hash(d: dict) -> str:
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' or '0-4' -> list of ints."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: use a list like 0,1,2 or a range like 0-4") from None
+    if not out:
+        raise UserError("--seeds is empty")
+    return out
+
+

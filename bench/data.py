@@ -1,0 +1,258 @@
+"""Data sets as tensors on the device, per-worker shards, deterministic batches.
+
+A data set is loaded once into memory (small sets as float32, image sets as
+uint8 and normalised when a batch is gathered) and moved to the device. No
+DataLoader takes part in the step loop: a batch is an index tensor.
+
+The batch of worker i at step t is a pure function of (seed, i, t):
+`Sampler.indices(worker, step)`. It does not depend on the algorithm, the
+runner or the backend, so every algorithm of a comparison sees the same data
+in the same order, and the distributed runner gives each rank exactly the
+batches the simulation gives its workers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from bench.errors import UserError
+from bench.registry import Registry
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: torch.Tensor  # [N, *input_shape], float32 or uint8
+    y_train: torch.Tensor  # [N] int64
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    default_model: str
+    # Applied to a gathered batch (e.g. uint8 -> normalised float32); None = identity.
+    transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def in_channels(self) -> int:
+        return self.input_shape[0]
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return self.transform(x) if self.transform is not None else x
+
+    def to(self, device) -> "Dataset":
+        def mv(t):
+            return t.to(device)
+
+        return Dataset(self.name, mv(self.x_train), mv(self.y_train), mv(self.x_test), mv(self.y_test),
+                       self.num_classes, self.default_model, self.transform)
+
+    def split_validation(self, fraction: float, seed: int = 0) -> "Dataset":
+        """Hold out a seeded fraction of the training set; it becomes the test split."""
+        n = len(self.y_train)
+        k = int(round(fraction * n))
+        if not 0 < k < n:
+            raise UserError(f"--val-fraction {fraction} leaves no training or no validation samples (N={n})")
+        perm = torch.from_numpy(np.random.default_rng([seed, 7]).permutation(n)).to(self.y_train.device)
+        val, tr = perm[:k], perm[k:]
+        return Dataset(self.name, self.x_train[tr], self.y_train[tr], self.x_train[val], self.y_train[val],
+                       self.num_classes, self.default_model, self.transform)
+
+
+DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
+
+
+@functools.lru_cache(maxsize=4)
+def _mnist1d_arrays():
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()  # 5000 samples, 80/20 split, length 40, seed 42: the published defaults
+    d = make_dataset(args)  # generated locally; get_dataset() would download
+    return d["x"], d["y"], d["x_test"], d["y_test"]
+
+
+@DATASETS.register("mnist1d", "MNIST-1D, generated offline: 4000 train / 1000 test, 1x40 signals, 10 classes")
+def load_mnist1d(data_dir: Optional[str] = None, download: bool = False) -> Dataset:
+    x, y, xt, yt = _mnist1d_arrays()
+    f = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(1)  # noqa: E731
+    g = lambda a: torch.tensor(a, dtype=torch.int64)  # noqa: E731
+    return Dataset("mnist1d", f(x), g(y), f(xt), g(yt), 10, "cnn1d")
+
+
+@DATASETS.register("digits", "scikit-learn digits: 1437 train / 360 test, 1x8x8 images, 10 classes")
+def load_digits(data_dir: Optional[str] = None, download: bool = False) -> Dataset:
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = torch.tensor(d.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    x = (x - 0.3) / 0.4
+    y = torch.tensor(d.target, dtype=torch.int64)
+    perm = torch.from_numpy(np.random.default_rng(0).permutation(len(y)))
+    tr, te = perm[:1437], perm[1437:]
+    return Dataset("digits", x[tr], y[tr], x[te], y[te], 10, "cnn")
+
+
+@DATASETS.register("synthetic", "tiny Gaussian-mixture signals for tests: 512 train / 256 test, 1x16, 4 classes")
+def load_synthetic(data_dir: Optional[str] = None, download: bool = False) -> Dataset:
+    g = torch.Generator().manual_seed(1234)
+    k, length = 4, 16
+    centers = torch.randn(k, length, generator=g)
+
+    def draw(m):
+        y = torch.randint(0, k, (m,), generator=g)
+        x = centers[y] + 0.8 * torch.randn(m, length, generator=g)
+        return x.unsqueeze(1), y
+
+    x, y = draw(512)
+    xt, yt = draw(256)
+    return Dataset("synthetic", x, y, xt, yt, k, "mlp")
+
+
+_CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+_CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+def _load_cifar(name: str, data_dir: Optional[str], download: bool) -> Dataset:
+    import torchvision
+
+    root = data_dir or os.environ.get("DSGDBENCH_DATA", "data")
+    folder = os.path.join(root, _CIFAR_FOLDERS[name])
+    if not download and not os.path.isdir(folder):
+        raise UserError(f"{name} not found: expected {folder}/ (the python version of the data set); "
+                        f"pass --data-dir DIR that contains it, or --download to fetch it")
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        train = cls(root, train=True, download=download)
+        test = cls(root, train=False, download=download)
+    except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
+        raise UserError(f"{name} in {folder} could not be read ({e}); re-extract it or pass --download") from None
+
+    def to_tensors(ds):
+        x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()  # uint8 [N, 3, 32, 32]
+        return x, torch.tensor(ds.targets, dtype=torch.int64)
+
+    x, y = to_tensors(train)
+    xt, yt = to_tensors(test)
+    mean, std = _CIFAR_STATS[name]
+
+    def normalise(batch: torch.Tensor) -> torch.Tensor:
+        m = torch.tensor(mean, device=batch.device).view(1, 3, 1, 1)
+        s = torch.tensor(std, device=batch.device).view(1, 3, 1, 1)
+        return (batch.float().div_(255.0) - m) / s
+
+    return Dataset(name, x, y, xt, yt, 10 if name == "cifar10" else 100, "resnet18", normalise)
+
+
+@DATASETS.register("cifar10", "CIFAR-10 from a local folder (--data-dir), 32x32 RGB, 10 classes")
+def load_cifar10(data_dir: Optional[str] = None, download: bool = False) -> Dataset:
+    return _load_cifar("cifar10", data_dir, download)
+
+
+@DATASETS.register("cifar100", "CIFAR-100 from a local folder (--data-dir), 32x32 RGB, 100 classes")
+def load_cifar100(data_dir: Optional[str] = None, download: bool = False) -> Dataset:
+    return _load_cifar("cifar100", data_dir, download)
+
+
+def load_dataset(name: str, data_dir: Optional[str] = None, download: bool = False) -> Dataset:
+    return DATASETS.get(name)(data_dir=data_dir, download=download)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards and batches
+
+
+def make_shards(y: torch.Tensor, n: int, partition: str, seed: int) -> list[np.ndarray]:
+    """Split training indices among n workers.
+
+    iid: a seeded permutation cut into n equal parts (the remainder is dropped, so every
+    worker has the same number of samples). dirichlet:ALPHA: for every class, the class's
+    samples are split among workers by proportions drawn from Dir(ALPHA) (smaller ALPHA is
+    more skewed; Hsu et al. 2019).
+    """
+    labels = y.cpu().numpy()
+    N = len(labels)
+    rng = np.random.default_rng([seed, 1])
+    if partition == "iid":
+        perm = rng.permutation(N)
+        per = N // n
+        return [np.sort(perm[i * per:(i + 1) * per]) for i in range(n)]
+    alpha = parse_dirichlet(partition)
+    shards: list[list[int]] = [[] for _ in range(n)]
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        p = rng.dirichlet(alpha * np.ones(n))
+        cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
+        for i, part in enumerate(np.split(idx, cuts)):
+            shards[i].extend(part.tolist())
+    return [np.sort(np.array(s, dtype=np.int64)) for s in shards]
+
+
+def parse_dirichlet(partition: str) -> float:
+    name, _, arg = partition.partition(":")
+    if name != "dirichlet" or not arg:
+        raise UserError(f"unknown partition {partition!r}; valid: iid, dirichlet:ALPHA (e.g. dirichlet:0.5)")
+    try:
+        alpha = float(arg)
+    except ValueError:
+        raise UserError(f"partition {partition!r}: ALPHA must be a number, e.g. dirichlet:0.5") from None
+    if not alpha > 0:
+        raise UserError(f"partition {partition!r}: ALPHA must be > 0")
+    return alpha
+
+
+class Sampler:
+    """Batch indices of every worker at every step, a pure function of (seed, worker, step).
+
+    Worker i walks through its own shard in epochs; epoch e of worker i is the permutation
+    drawn from numpy's generator seeded with [seed, i, e]. A batch never straddles two
+    epochs: the tail of an epoch shorter than a batch is dropped.
+    """
+
+    def __init__(self, shards: list[np.ndarray], batch: int, seed: int, device="cpu"):
+        smallest = min(len(s) for s in shards)
+        if batch > smallest:
+            raise UserError(f"--batch {batch} is larger than a worker's shard ({smallest} samples with "
+                            f"{len(shards)} workers); use --batch <= {smallest} or fewer workers")
+        self.shards = shards
+        self.batch = batch
+        self.seed = seed
+        self.device = device
+        self.steps_per_epoch = [len(s) // batch for s in shards]
+        self._cache: dict[tuple[int, int], np.ndarray] = {}
+
+    def _epoch(self, worker: int, epoch: int) -> np.ndarray:
+        key = (worker, epoch)
+        order = self._cache.get(key)
+        if order is None:
+            if len(self._cache) > 4 * len(self.shards):
+                self._cache.clear()
+            shard = self.shards[worker]
+            order = shard[np.random.default_rng([self.seed, worker, epoch]).permutation(len(shard))]
+            self._cache[key] = order
+        return order
+
+    def worker_indices(self, worker: int, step: int) -> np.ndarray:
+        spe = self.steps_per_epoch[worker]
+        epoch, pos = divmod(step, spe)
+        return self._epoch(worker, epoch)[pos * self.batch:(pos + 1) * self.batch]
+
+    def indices(self, workers: range, step: int) -> torch.Tensor:
+        """[len(workers), batch] int64 indices into the training set, on the device."""
+        idx = np.stack([self.worker_indices(w, step) for w in workers])
+        return torch.from_numpy(idx).to(self.device, non_blocking=True)
+
+
+def epoch_steps(n_train: int, total_batch: int) -> int:
+    """Steps in one epoch: one pass over the training set at the total batch size."""
+    return max(1, n_train // total_batch)

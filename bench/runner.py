@@ -1,0 +1,186 @@
+"""The runner: seeding, the step loop, the clock, evaluation and result files.
+
+    data  -> per-worker shards -> Sampler (batch = f(seed, worker, step))
+    model -> Workers (X [n_local, d] + BN buffers) -> Algorithm (oracle, optimizer, rule)
+    for t in steps:  X <- algorithm.step(X, batch_t)      (timed; evaluation is not)
+    every eval_every steps and at the end: evaluate x_bar = mean_i x_i
+
+Divergence (a non-finite loss) ends the run with status "diverged"; it is a result.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+import topologies
+from algorithms import RULES, StepContext, build_algorithm
+from bench import metrics, results
+from bench.comm import SimulatedComm
+from bench.config import RunConfig
+from bench.data import Sampler, epoch_steps, load_dataset, make_shards
+from bench.errors import UserError
+from bench.models import build_model
+from bench.schedule import lr_at
+from bench.workers import Workers, param_bytes
+
+Progress = Callable[[int, int, dict], None]
+
+
+def device_of(cfg: RunConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+    return torch.device(cfg.device)
+
+
+def prepare(cfg: RunConfig):
+    """Validate, load the data set and resolve the configuration (no training)."""
+    cfg.validate()
+    device = device_of(cfg)
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+    if cfg.val_fraction > 0:
+        data = data.split_validation(cfg.val_fraction)
+    data = data.to(device)
+    resolved = cfg.resolve(len(data.y_train), data.default_model)
+    return resolved, data, device
+
+
+def run(cfg: RunConfig, progress: Optional[Progress] = None, force: bool = False, comm=None) -> dict:
+    """Train one configuration (one seed); write and return its summary.
+
+    A run whose summary already says completed/diverged is skipped (its summary is
+    returned with "skipped": True) unless force is set.
+    """
+    cfg, data, device = prepare(cfg)
+    root = results.prepare_results_dir(cfg.results)
+    run_dir = root / cfg.run_id()
+    if not force and results.is_finished(run_dir):
+        s = results.read_summary(run_dir)
+        s["skipped"] = True
+        s["run_dir"] = str(run_dir)
+        return s
+    run_dir.mkdir(exist_ok=True)
+    return Trainer(cfg, data, device, run_dir, comm).train(progress)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, data, device, run_dir: Path, comm=None):
+        self.cfg, self.data, self.device, self.run_dir = cfg, data, device, run_dir
+        n = cfg.workers
+        rule_cls = RULES.get(cfg.comm)
+        self.topology = topologies.get_topology(cfg.topology, n) if rule_cls.decentralized else None
+        self.comm = comm or SimulatedComm(n, self.topology, device)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        module = build_model(cfg.model, data.input_shape, data.num_classes)
+        self.workers = Workers(module, len(self.comm.workers), cfg.executor, device)
+        self.epoch_len = epoch_steps(len(data.y_train), cfg.total_batch)
+        self.algo = build_algorithm(cfg, self.workers.layout, self.workers.n, device, cfg.steps, self.epoch_len)
+        shards = make_shards(data.y_train, n, cfg.partition, cfg.seed)
+        self.sampler = Sampler(shards, cfg.batch, cfg.seed, device)
+        # Fixed subsets (the same for every algorithm and seed of a comparison).
+        g = np.random.default_rng(0)
+        k = min(len(data.y_train), cfg.eval_train_samples)
+        self.train_subset = torch.from_numpy(np.sort(g.permutation(len(data.y_train))[:k])).to(device)
+        self.bytes_per_step = rule_cls.sends_per_step(n, self.topology) * param_bytes(self.workers.layout)
+        self.rule_cls = rule_cls
+
+    def lr(self, t: int) -> float:
+        c = self.cfg
+        return lr_at(t, c.lr, c.steps, c.schedule, c.warmup, c.milestones)
+
+    def batch(self, t: int):
+        idx = self.sampler.indices(self.comm.workers, t)  # [n_local, B]
+        n, B = idx.shape
+        flat = idx.reshape(-1)
+        x = self.data.prepare(self.data.x_train[flat])
+        return x.view(n, B, *x.shape[1:]), self.data.y_train[flat].view(n, B)
+
+    def evaluate(self) -> dict:
+        w, d = self.workers, self.data
+        xbar = self.comm.mean(w.X)
+        module = w.load_average(xbar)
+        if metrics.has_batchnorm(module):
+            metrics.recalibrate_bn(module, d, self.train_subset, self.cfg.batch)
+        test_acc, test_loss = metrics.evaluate(module, d, d.x_test, d.y_test)
+        train_acc, train_loss = metrics.evaluate(module, d, d.x_train[self.train_subset], d.y_train[self.train_subset])
+        return {"test_acc": test_acc, "test_loss": test_loss, "train_acc": train_acc, "train_loss": train_loss,
+                "consensus_distance": metrics.consensus_distance(w.X, xbar, self.comm)}
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def train(self, progress: Optional[Progress] = None) -> dict:
+        cfg, w = self.cfg, self.workers
+        results.write_json(self.run_dir / "config.json", cfg.to_dict())
+        x0, y0 = self.batch(0)
+        flops = metrics.flops_per_grad(w.eval_module, x0[0], y0[0]) * self.algo.oracle.grad_evals
+        eval_every = cfg.eval_every or max(1, cfg.steps // 10)
+        rows, status, diverged_step = [], "completed", None
+        train_s = eval_s = 0.0
+        loss_acc, loss_cnt = 0.0, 0
+        last = {}
+        for t in range(cfg.steps):
+            self._sync()
+            t0 = time.perf_counter()
+            lr = self.lr(t)
+            ctx = StepContext(t, lr, cfg.lr, self.comm, cfg.seed)
+            x, y = self.batch(t)
+            losses, X_next = self.algo.step(w, w.X, x, y, ctx)
+            mean_loss = self.comm.sum(losses.sum()).item() / cfg.workers
+            train_s += time.perf_counter() - t0
+            if not math.isfinite(mean_loss) or not torch.isfinite(X_next).all():
+                status, diverged_step = "diverged", t
+                break
+            w.X = X_next
+            loss_acc += mean_loss
+            loss_cnt += 1
+            if (t + 1) % eval_every == 0 or t + 1 == cfg.steps:
+                t1 = time.perf_counter()
+                last = self.evaluate()
+                eval_s += time.perf_counter() - t1
+                rows.append({"step": t + 1, "epoch": (t + 1) / self.epoch_len, "lr": lr,
+                             "gamma": self.algo.rule.gamma(ctx), "train_loss_running": loss_acc / max(1, loss_cnt),
+                             **last, "train_seconds": train_s})
+                loss_acc, loss_cnt = 0.0, 0
+                results.write_csv(self.run_dir / "metrics.csv", rows)
+            if progress:
+                progress(t + 1, cfg.steps, {"loss": mean_loss, **last})
+        if status == "diverged":
+            results.write_csv(self.run_dir / "metrics.csv", rows)
+            last = {k: None for k in ("test_acc", "test_loss", "train_acc", "train_loss", "consensus_distance")}
+        else:
+            results.save_model(self.run_dir / "model.pt", w.eval_module.state_dict())
+        summary = self.summary(status, diverged_step, last, train_s, eval_s, flops)
+        results.write_json(self.run_dir / "summary.json", summary)
+        summary["run_dir"] = str(self.run_dir)
+        return summary
+
+    def summary(self, status, diverged_step, last, train_s, eval_s, flops) -> dict:
+        cfg = self.cfg
+        props = self.topology.properties() if self.topology is not None else None
+        return {
+            "run_id": cfg.run_id(), "config_id": cfg.config_id(),
+            "algo": cfg.algo, "grad": cfg.grad, "opt": cfg.opt, "comm": cfg.comm,
+            "topology": cfg.topology if props else "allreduce",
+            "workers": cfg.workers, "dataset": cfg.dataset, "model": cfg.model, "seed": cfg.seed,
+            "batch": cfg.batch, "total_batch": cfg.total_batch, "lr": cfg.lr, "steps": cfg.steps,
+            "epochs": cfg.steps / self.epoch_len,
+            "status": status, "diverged_step": diverged_step,
+            **last,
+            "spectral_gap": props["spectral_gap"] if props else 1.0,
+            "params": self.workers.layout.d,
+            "grad_evals_per_step": self.algo.oracle.grad_evals,
+            "flops_per_step": flops,
+            "bytes_per_step": self.bytes_per_step,
+            "train_seconds": train_s, "eval_seconds": eval_s,
+            "backend": self.comm.backend, "world_size": self.comm.world_size,
+            "device": str(self.device), "executor": self.workers.executor,
+            "versions": results.versions(),
+        }

@@ -1,0 +1,305 @@
+"""dsgdbench command line: run, compare, list, topology, speed.
+
+Thin by design: options in, one call into bench/, a rich table or progress bar out.
+A user's mistake (bench.errors.UserError) is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+import typer.core
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from bench.errors import UserError
+
+class _Group(typer.core.TyperGroup):
+    """Turns a user's mistake into one line on stderr and exit code 2 (a bug keeps its traceback)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            Console(stderr=True).print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Benchmark decentralized and sharpness-aware optimizers (C-SGD, D-SGD, DSGD-AC, SAM, "
+                       "AD-SAM, LAMB, D-LAMB) over communication topologies.")
+out = Console()
+err = Console(stderr=True)
+
+
+def _floats(text: Optional[str], name: str, count: Optional[int] = None):
+    if text is None:
+        return None
+    try:
+        v = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise UserError(f"--{name} {text!r}: give comma-separated numbers, e.g. 0.5,0.75") from None
+    if count is not None and len(v) != count:
+        raise UserError(f"--{name} {text!r}: give exactly {count} numbers")
+    return v
+
+
+@app.command()
+def run(
+    algo: str = typer.Option("dsgd", help="Algorithm preset (dsgdbench list algorithms)."),
+    topology: str = typer.Option("ring", help="Topology, e.g. ring, torus:4x4, random:p=0.3, file:W.npy."),
+    workers: int = typer.Option(16, "--workers", "-n", help="Number of workers n."),
+    dataset: str = typer.Option("mnist1d", help="Data set (dsgdbench list datasets)."),
+    model: Optional[str] = typer.Option(None, help="Model (default: the data set's), or timm:<name>."),
+    partition: str = typer.Option("iid", help="iid or dirichlet:ALPHA."),
+    seed: int = typer.Option(0, help="Seed (data order, initialisation, noise)."),
+    seeds: Optional[str] = typer.Option(None, help="Several seeds: 0,1,2 or 0-4 (overrides --seed)."),
+    grad: Optional[str] = typer.Option(None, help="Gradient oracle override: plain, sam, adsam."),
+    opt: Optional[str] = typer.Option(None, help="Local optimizer override: sgd, lamb."),
+    comm: Optional[str] = typer.Option(None, help="Communication rule override: allreduce, gossip, gossip-ac."),
+    order: str = typer.Option("cta", help="Gossip order: cta (mix pre-update x, default) or atc."),
+    batch: int = typer.Option(32, help="Batch per worker (total batch = workers x batch)."),
+    steps: Optional[int] = typer.Option(None, help="Training steps (overrides --epochs)."),
+    epochs: float = typer.Option(60.0, help="Epochs (passes over the training set at the total batch)."),
+    lr: float = typer.Option(0.1, help="Peak learning rate."),
+    lr_scaling: str = typer.Option("none", help="none or linear (lr x total_batch / ref_batch)."),
+    ref_batch: int = typer.Option(128, help="Reference batch for --lr-scaling linear."),
+    schedule: str = typer.Option("cosine", help="constant, multistep or cosine."),
+    milestones: Optional[str] = typer.Option(None, help="multistep: fractions of training, e.g. 0.5,0.75."),
+    warmup: int = typer.Option(0, help="Linear warmup steps."),
+    momentum: float = typer.Option(0.9),
+    nesterov: bool = typer.Option(False, "--nesterov/--no-nesterov"),
+    weight_decay: float = typer.Option(5e-4),
+    wd_1d: bool = typer.Option(True, "--wd-1d/--no-wd-1d", help="SGD: weight decay on 1-D parameters."),
+    betas: Optional[str] = typer.Option(None, help="LAMB betas, e.g. 0.9,0.999."),
+    eps: float = typer.Option(1e-6, help="LAMB epsilon."),
+    clip: float = typer.Option(0.0, help="LAMB global gradient-norm clipping (0 = off)."),
+    p: float = typer.Option(3.0, "--p", help="DSGD-AC exponent: gamma = (lr/lr_max)^p."),
+    ac_start: str = typer.Option("0", help="DSGD-AC start: fraction of training (0.1) or epoch (10ep)."),
+    gamma_min: float = typer.Option(0.0, help="DSGD-AC lower bound on gamma."),
+    rho: float = typer.Option(0.05, help="SAM radius."),
+    adaptive: bool = typer.Option(False, "--adaptive/--no-adaptive", help="ASAM (T = |w|)."),
+    sigma: float = typer.Option(0.01, help="AD-SAM noise scale."),
+    sigma_mode: str = typer.Option("filter", help="AD-SAM: filter (sigma x ||filter||) or absolute."),
+    samples: int = typer.Option(1, help="AD-SAM noise draws per step."),
+    eval_every: int = typer.Option(0, help="Evaluate every N steps (0: ~10 times); always at the end."),
+    val_fraction: float = typer.Option(0.0, help="Hold out this fraction of the training set as the test split."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    executor: str = typer.Option("auto", help="auto, native (batched model) or loop."),
+    results_dir: str = typer.Option("results", "--results", help="Results folder."),
+    data_dir: Optional[str] = typer.Option(None, help="Folder holding image data sets (CIFAR)."),
+    download: bool = typer.Option(False, "--download", help="Allow downloading CIFAR into --data-dir."),
+    force: bool = typer.Option(False, "--force", help="Rerun even if a finished run exists."),
+    config: Optional[Path] = typer.Option(None, help="TOML file of options (flags given here win)."),
+):
+    """Train one configuration (per seed) and write results/<run_id>/."""
+    from bench.config import RunConfig, parse_seeds
+    from bench.runner import run as run_one
+
+    kw = dict(algo=algo, topology=topology, workers=workers, dataset=dataset, model=model, partition=partition,
+              seed=seed, grad=grad, opt=opt, comm=comm, order=order, batch=batch, steps=steps, epochs=epochs,
+              lr=lr, lr_scaling=lr_scaling, ref_batch=ref_batch, schedule=schedule, warmup=warmup,
+              momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, wd_1d=wd_1d, eps=eps, clip=clip,
+              p=p, ac_start=ac_start, gamma_min=gamma_min, rho=rho, adaptive=adaptive, sigma=sigma,
+              sigma_mode=sigma_mode, samples=samples, eval_every=eval_every, val_fraction=val_fraction,
+              device=device, executor=executor, results=results_dir, data_dir=data_dir, download=download)
+    if milestones is not None:
+        kw["milestones"] = _floats(milestones, "milestones")
+    if betas is not None:
+        kw["betas"] = _floats(betas, "betas", 2)
+    if config is not None:
+        kw = _merge_toml(config, kw)
+    base = RunConfig.from_dict(kw).validate()
+    seed_list = parse_seeds(seeds) if seeds else [base.seed]
+    for s in seed_list:
+        cfg = base.replace(seed=s)
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err,
+                      transient=True, disable=not err.is_terminal) as bar:
+            task = bar.add_task(f"{cfg.algo} {cfg.topology} seed {s}", total=None, info="")
+
+            def cb(step, total, info):
+                if step == 1 or step % 10 == 0 or step == total:
+                    acc = f" test {info['test_acc']:.1f}%" if info.get("test_acc") is not None else ""
+                    bar.update(task, completed=step, total=total, info=f"loss {info['loss']:.3f}{acc}")
+
+            summary = run_one(cfg, progress=cb, force=force)
+        _print_run(summary)
+
+
+def _merge_toml(path: Path, flags: dict) -> dict:
+    """TOML values, overridden by flags the user actually typed on the command line."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--config {str(path)!r}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"--config {str(path)!r}: invalid TOML ({e})") from None
+    typed = {a[2:].split("=", 1)[0].replace("-", "_") for a in sys.argv[1:] if a.startswith("--")}
+    typed = {"results" if t == "results" else t for t in typed}
+    merged = dict(flags)
+    for k, v in data.items():
+        key = k.replace("-", "_")
+        if key not in typed:
+            merged[key] = v
+    return merged
+
+
+def _print_run(s: dict) -> None:
+    if s.get("skipped"):
+        out.print(f"[dim]skipped (already {s['status']}): {s['run_dir']}  (--force reruns)[/dim]")
+        return
+    if s["status"] == "diverged":
+        out.print(f"[red]diverged[/red] at step {s['diverged_step']}: {s['run_dir']}")
+        return
+    eig = f"  top-1 eig {s['top_eig']:.2f}" if s.get("top_eig") is not None else ""
+    out.print(f"{s['algo']:8s} {s['topology']:12s} seed {s['seed']}: test acc {s['test_acc']:.2f}%  "
+              f"loss {s['test_loss']:.3f}  consensus {s['consensus_distance']:.2e}{eig}  "
+              f"train {s['train_seconds']:.1f}s  -> {s['run_dir']}")
+
+
+@app.command()
+def compare(
+    results_dir: str = typer.Argument("results", help="Folder of runs (searched recursively)."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, csv or md."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Write to FILE (.csv or .md)."),
+    by: Optional[str] = typer.Option(None, help="Group by these keys, e.g. algo,topology (default: the config)."),
+    columns: Optional[str] = typer.Option(None, help="Metrics to show, e.g. test_acc,test_loss,top_eig."),
+):
+    """Leaderboard: group runs over seeds, mean ± std per configuration."""
+    from bench import leaderboard as lb
+
+    if fmt not in lb.FORMATS:
+        raise UserError(f"--format {fmt!r}: valid: {', '.join(lb.FORMATS)}")
+    df = lb.runs_frame(results_dir, warn=lambda m: err.print(f"[yellow]warning:[/yellow] {m}"))
+    metrics = lb.DEFAULT_METRICS
+    if columns:
+        metrics = tuple(c.strip() for c in columns.split(",") if c.strip())
+        bad = [c for c in metrics if c not in lb.METRICS]
+        if bad:
+            raise UserError(f"--columns: unknown metric {bad[0]!r}; valid: {', '.join(lb.METRICS)}")
+    numeric, display = lb.leaderboard(df, [b.strip() for b in by.split(",")] if by else None, metrics)
+    if out_file is not None:
+        text = lb.render(numeric, display, lb.format_from_path(str(out_file)))
+        try:
+            out_file.write_text(text)
+        except OSError as e:
+            raise UserError(f"--out {str(out_file)!r}: cannot write ({e.strerror})") from None
+        err.print(f"wrote {out_file}")
+        return
+    if fmt == "table":
+        t = Table(title=f"dsgdbench leaderboard ({len(df)} runs in {results_dir})")
+        for c in display.columns:
+            t.add_column(str(c), justify="left" if c in ("algo", "topology", "status") else "right")
+        for _, r in display.iterrows():
+            t.add_row(*[str(v) for v in r])
+        out.print(t)
+    else:
+        sys.stdout.write(lb.render(numeric, display, fmt))
+
+
+@app.command("list")
+def list_(what: str = typer.Argument("all", help="algorithms, components, topologies, datasets, models or all.")):
+    """List the registered names."""
+    import algorithms
+    import topologies
+    from bench.data import DATASETS
+    from bench.models import MODELS
+
+    sections = {
+        "algorithms": [(n, f"{algorithms.PRESETS.help(n)}  [{_preset_str(algorithms.PRESETS.get(n))}]")
+                       for n in algorithms.PRESETS],
+        "components": [(f"--grad {n}", algorithms.ORACLES.help(n)) for n in algorithms.ORACLES]
+        + [(f"--opt {n}", algorithms.OPTIMIZERS.help(n)) for n in algorithms.OPTIMIZERS]
+        + [(f"--comm {n}", algorithms.RULES.help(n)) for n in algorithms.RULES],
+        "topologies": [(n, topologies.TOPOLOGIES.help(n)) for n in topologies.TOPOLOGIES],
+        "datasets": [(n, DATASETS.help(n)) for n in DATASETS],
+        "models": [(n, MODELS.help(n)) for n in MODELS] + [("timm:<name>", "any timm model, randomly initialised")],
+    }
+    if what != "all" and what not in sections:
+        from bench.registry import unknown_name
+
+        raise UserError(unknown_name("list", what, list(sections) + ["all"]))
+    for name, items in sections.items():
+        if what in ("all", name):
+            t = Table(title=name, show_header=False)
+            t.add_column(style="bold")
+            t.add_column()
+            for k, h in items:
+                t.add_row(k, h)
+            out.print(t)
+
+
+def _preset_str(p: dict) -> str:
+    return f"grad={p['grad']}, opt={p['opt']}, comm={p['comm']}"
+
+
+@app.command()
+def topology(
+    name: str = typer.Argument(..., help="Topology spec, e.g. ring, torus:4x4, file:W.npy."),
+    workers: int = typer.Option(16, "--workers", "-n"),
+    fmt: str = typer.Option("table", "--format", "-f", help="table or json."),
+    model: str = typer.Option("cnn1d", help="Model whose size gives bytes/step (on mnist1d shapes)."),
+):
+    """Spectral and communication properties of a topology."""
+    import topologies
+    from bench.models import build_model
+    from bench.workers import count_params
+
+    if fmt not in ("table", "json"):
+        raise UserError(f"--format {fmt!r}: valid: table, json")
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1 (got {workers})")
+    topo = topologies.get_topology(name, workers)
+    props = dict(topo.properties())
+    d = count_params(build_model(model, (1, 40), 10) if model in ("mlp", "cnn1d") else build_model(model, (3, 32, 32), 10))
+    props["bytes_per_step"] = props["sends_per_step"] * d * 4
+    props["bytes_model"] = f"{model} ({d} fp32 parameters)"
+    if fmt == "json":
+        sys.stdout.write(json.dumps(props, indent=2, default=float) + "\n")
+        return
+    t = Table(title=f"{name}, n = {workers}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    for k, v in props.items():
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    out.print(t)
+
+
+@app.command()
+def speed(
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    workers: int = typer.Option(16, "--workers", "-n"),
+    repeats: int = typer.Option(50, help="Timed steps per measurement."),
+    threads: int = typer.Option(0, help="torch threads (0: leave as is)."),
+):
+    """Simulator overhead: simulated D-SGD step vs a plain single-model SGD step at the same total batch."""
+    from bench.speed import speed_report
+
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+    rows = speed_report(device, workers, repeats, threads, log=lambda m: err.print(f"[dim]{m}[/dim]"))
+    t = Table(title=f"simulated D-SGD (ring, n={workers}) vs single-model SGD, same total batch, {device}")
+    for c in rows[0]:
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()])
+    out.print(t)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from bench.config import RunConfig
 from bench.errors import UserError
 
 class _Group(typer.core.TyperGroup):
@@ -34,6 +35,7 @@ app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty
                   help="Benchmark decentralized and sharpness-aware optimizers (C-SGD, D-SGD, DSGD-AC, SAM, "
                        "AD-SAM, LAMB, D-LAMB) over communication topologies.")
 out = Console()
+_D = RunConfig()  # option defaults come from RunConfig, in one place
 err = Console(stderr=True)
 
 
@@ -51,54 +53,55 @@ def _floats(text: Optional[str], name: str, count: Optional[int] = None):
 
 @app.command()
 def run(
-    algo: str = typer.Option("dsgd", help="Algorithm preset (dsgdbench list algorithms)."),
-    topology: str = typer.Option("ring", help="Topology, e.g. ring, torus:4x4, random:p=0.3, file:W.npy."),
-    workers: int = typer.Option(16, "--workers", "-n", help="Number of workers n."),
-    dataset: str = typer.Option("mnist1d", help="Data set (dsgdbench list datasets)."),
+    ctx: typer.Context,
+    algo: str = typer.Option(_D.algo, help="Algorithm preset (dsgdbench list algorithms)."),
+    topology: str = typer.Option(_D.topology, help="Topology, e.g. ring, torus:4x4, random:p=0.3, file:W.npy."),
+    workers: int = typer.Option(_D.workers, "--workers", "-n", help="Number of workers n."),
+    dataset: str = typer.Option(_D.dataset, help="Data set (dsgdbench list datasets)."),
     model: Optional[str] = typer.Option(None, help="Model (default: the data set's), or timm:<name>."),
-    partition: str = typer.Option("iid", help="iid or dirichlet:ALPHA."),
-    seed: int = typer.Option(0, help="Seed (data order, initialisation, noise)."),
+    partition: str = typer.Option(_D.partition, help="iid or dirichlet:ALPHA."),
+    seed: int = typer.Option(_D.seed, help="Seed (data order, initialisation, noise)."),
     seeds: Optional[str] = typer.Option(None, help="Several seeds: 0,1,2 or 0-4 (overrides --seed)."),
     grad: Optional[str] = typer.Option(None, help="Gradient oracle override: plain, sam, adsam."),
     opt: Optional[str] = typer.Option(None, help="Local optimizer override: sgd, lamb."),
     comm: Optional[str] = typer.Option(None, help="Communication rule override: allreduce, gossip, gossip-ac."),
-    order: str = typer.Option("cta", help="Gossip order: cta (mix pre-update x, default) or atc."),
-    batch: int = typer.Option(32, help="Batch per worker (total batch = workers x batch)."),
+    order: str = typer.Option(_D.order, help="Gossip order: cta (mix pre-update x, default) or atc."),
+    batch: int = typer.Option(_D.batch, help="Batch per worker (total batch = workers x batch)."),
     steps: Optional[int] = typer.Option(None, help="Training steps (overrides --epochs)."),
-    epochs: float = typer.Option(60.0, help="Epochs (passes over the training set at the total batch)."),
-    lr: float = typer.Option(0.1, help="Peak learning rate."),
-    lr_scaling: str = typer.Option("none", help="none or linear (lr x total_batch / ref_batch)."),
-    ref_batch: int = typer.Option(128, help="Reference batch for --lr-scaling linear."),
-    schedule: str = typer.Option("cosine", help="constant, multistep or cosine."),
+    epochs: float = typer.Option(_D.epochs, help="Epochs (passes over the training set at the total batch)."),
+    lr: float = typer.Option(_D.lr, help="Peak learning rate."),
+    lr_scaling: str = typer.Option(_D.lr_scaling, help="none or linear (lr x total_batch / ref_batch)."),
+    ref_batch: int = typer.Option(_D.ref_batch, help="Reference batch for --lr-scaling linear."),
+    schedule: str = typer.Option(_D.schedule, help="constant, multistep or cosine."),
     milestones: Optional[str] = typer.Option(None, help="multistep: fractions of training, e.g. 0.5,0.75."),
-    warmup: int = typer.Option(0, help="Linear warmup steps."),
-    momentum: float = typer.Option(0.9),
-    nesterov: bool = typer.Option(False, "--nesterov/--no-nesterov"),
-    weight_decay: float = typer.Option(5e-4),
-    wd_1d: bool = typer.Option(True, "--wd-1d/--no-wd-1d", help="SGD: weight decay on 1-D parameters."),
+    warmup: int = typer.Option(_D.warmup, help="Linear warmup steps."),
+    momentum: float = typer.Option(_D.momentum),
+    nesterov: bool = typer.Option(_D.nesterov, "--nesterov/--no-nesterov"),
+    weight_decay: float = typer.Option(_D.weight_decay),
+    wd_1d: bool = typer.Option(_D.wd_1d, "--wd-1d/--no-wd-1d", help="SGD: weight decay on 1-D parameters."),
     betas: Optional[str] = typer.Option(None, help="LAMB betas, e.g. 0.9,0.999."),
-    eps: float = typer.Option(1e-6, help="LAMB epsilon."),
-    clip: float = typer.Option(0.0, help="LAMB global gradient-norm clipping (0 = off)."),
-    p: float = typer.Option(3.0, "--p", help="DSGD-AC exponent: gamma = (lr/lr_max)^p."),
-    ac_start: str = typer.Option("0", help="DSGD-AC start: fraction of training (0.1) or epoch (10ep)."),
-    gamma_min: float = typer.Option(0.0, help="DSGD-AC lower bound on gamma."),
-    rho: float = typer.Option(0.05, help="SAM radius."),
-    adaptive: bool = typer.Option(False, "--adaptive/--no-adaptive", help="ASAM (T = |w|)."),
-    sigma: float = typer.Option(0.01, help="AD-SAM noise scale."),
-    sigma_mode: str = typer.Option("filter", help="AD-SAM: filter (sigma x ||filter||) or absolute."),
-    samples: int = typer.Option(1, help="AD-SAM noise draws per step."),
-    eval_every: int = typer.Option(0, help="Evaluate every N steps (0: ~10 times); always at the end."),
-    val_fraction: float = typer.Option(0.0, help="Hold out this fraction of the training set as the test split."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    executor: str = typer.Option("auto", help="auto, native (batched model) or loop."),
-    results_dir: str = typer.Option("results", "--results", help="Results folder."),
+    eps: float = typer.Option(_D.eps, help="LAMB epsilon."),
+    clip: float = typer.Option(_D.clip, help="LAMB global gradient-norm clipping (0 = off)."),
+    p: float = typer.Option(_D.p, "--p", help="DSGD-AC exponent: gamma = (lr/lr_max)^p."),
+    ac_start: str = typer.Option(_D.ac_start, help="DSGD-AC start: fraction of training (0.1) or epoch (10ep)."),
+    gamma_min: float = typer.Option(_D.gamma_min, help="DSGD-AC lower bound on gamma."),
+    rho: float = typer.Option(_D.rho, help="SAM radius."),
+    adaptive: bool = typer.Option(_D.adaptive, "--adaptive/--no-adaptive", help="ASAM (T = |w|)."),
+    sigma: float = typer.Option(_D.sigma, help="AD-SAM noise scale."),
+    sigma_mode: str = typer.Option(_D.sigma_mode, help="AD-SAM: filter (sigma x ||filter||) or absolute."),
+    samples: int = typer.Option(_D.samples, help="AD-SAM noise draws per step."),
+    eval_every: int = typer.Option(_D.eval_every, help="Evaluate every N steps (0: ~10 times); always at the end."),
+    val_fraction: float = typer.Option(_D.val_fraction, help="Hold out this fraction of the training set as the test split."),
+    device: str = typer.Option(_D.device, help="cpu or cuda."),
+    executor: str = typer.Option(_D.executor, help="auto, native (batched model) or loop."),
+    results_dir: str = typer.Option(_D.results, "--results", help="Results folder."),
     data_dir: Optional[str] = typer.Option(None, help="Folder holding image data sets (CIFAR)."),
-    download: bool = typer.Option(False, "--download", help="Allow downloading CIFAR into --data-dir."),
+    download: bool = typer.Option(_D.download, "--download", help="Allow downloading CIFAR into --data-dir."),
     force: bool = typer.Option(False, "--force", help="Rerun even if a finished run exists."),
     config: Optional[Path] = typer.Option(None, help="TOML file of options (flags given here win)."),
 ):
     """Train one configuration (per seed) and write results/<run_id>/."""
-    from bench.config import RunConfig, parse_seeds
+    from bench.config import parse_seeds
     from bench.runner import run as run_one
 
     kw = dict(algo=algo, topology=topology, workers=workers, dataset=dataset, model=model, partition=partition,
@@ -113,7 +116,7 @@ def run(
     if betas is not None:
         kw["betas"] = _floats(betas, "betas", 2)
     if config is not None:
-        kw = _merge_toml(config, kw)
+        kw = _merge_toml(config, kw, ctx)
     base = RunConfig.from_dict(kw).validate()
     seed_list = parse_seeds(seeds) if seeds else [base.seed]
     for s in seed_list:
@@ -132,8 +135,8 @@ def run(
         _print_run(summary)
 
 
-def _merge_toml(path: Path, flags: dict) -> dict:
-    """TOML values, overridden by flags the user actually typed on the command line."""
+def _merge_toml(path: Path, flags: dict, ctx) -> dict:
+    """TOML values, overridden by the flags the user typed on the command line."""
     import tomllib
 
     try:
@@ -142,12 +145,12 @@ def _merge_toml(path: Path, flags: dict) -> dict:
         raise UserError(f"--config {str(path)!r}: no such file") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"--config {str(path)!r}: invalid TOML ({e})") from None
-    typed = {a[2:].split("=", 1)[0].replace("-", "_") for a in sys.argv[1:] if a.startswith("--")}
-    typed = {"results" if t == "results" else t for t in typed}
+    param_of = {"results": "results_dir"}
     merged = dict(flags)
     for k, v in data.items():
         key = k.replace("-", "_")
-        if key not in typed:
+        source = ctx.get_parameter_source(param_of.get(key, key))
+        if source is None or source.name != "COMMANDLINE":
             merged[key] = v
     return merged
 

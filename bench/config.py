@@ -44,9 +44,9 @@ class RunConfig:
     # training length and batch
     batch: int = 32  # per worker; total batch = workers * batch
     steps: Optional[int] = None
-    epochs: float = 60.0  # used when steps is None; one epoch = N_train // total_batch steps
+    epochs: float = 150.0  # used when steps is None; one epoch = N_train // total_batch steps
     # learning rate
-    lr: float = 0.1
+    lr: float = 0.2
     lr_scaling: str = "none"  # none | linear (lr * total_batch / ref_batch)
     ref_batch: int = 128
     schedule: str = "cosine"

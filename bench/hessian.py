@@ -1,0 +1,278 @@
+"""Sharpness of the deployed model: top Hessian eigenvalue and Hessian trace.
+
+THE PROTOCOL (the same for every algorithm of a comparison, so that the numbers
+in one table are comparable):
+
+  model      x_bar, the average of the workers' parameters, after BatchNorm
+             recalibration (bench.metrics.recalibrate_bn), in eval mode: BatchNorm
+             uses its running statistics and dropout is off, so the loss is a fixed
+             function of the parameters and nothing in the model changes during
+             the measurement (no buffer update, no .grad written).
+  loss       mean cross-entropy over the subset, without weight decay (the Hessian
+             of the L2 term would only add wd to every eigenvalue).
+  parameters all trainable ones (requires_grad), in named_parameters order; d of them.
+  data       a fixed, seeded subset of the training set, without augmentation:
+             `hessian_subset(N)` = the whole training set when N <= 5000 (MNIST-1D:
+             all 4000 samples), else 2048 samples drawn with numpy's default_rng(seed).
+             It depends only on N and the seed, so every algorithm and every seed of
+             a comparison is measured on the same samples.
+  start      the start vector (Lanczos v0, the power iteration's first vector) is
+             numpy default_rng(seed).standard_normal(d); seed 0 by default.
+
+Top eigenvalue (the algebraically largest one, lambda_max):
+  lanczos  scipy.sparse.linalg.eigsh (ARPACK implicitly restarted Lanczos) on a float64
+           LinearOperator that wraps the float32 Hessian-vector product; k=1, which="LA".
+           ARPACK stops when the Ritz residual ||H v - theta v|| <= tol |theta|, which
+           bounds the eigenvalue's error by tol |theta| (tol=1e-3: within 0.1%).
+  power    power iteration as in PyHessian (Yao et al. 2020): v <- Hv / ||Hv||, lambda =
+           v^T H v, stop when |lambda_k - lambda_(k-1)| / |lambda_k| < tol or after
+           max_iter products. It converges to the eigenvalue of largest MAGNITUDE and
+           slowly when the two largest are close; its stopping rule is on the change of
+           lambda, so a slow start can stop early below lambda_max. The residual says so.
+
+Every result carries `residual` = ||H v - lambda v|| / |lambda| of the returned pair and
+`hvps`, the Hessian-vector products spent. For Lanczos `hvps` counts the solver's
+products plus the one extra product for the residual; power iteration gets its residual
+from its last product, at no extra cost.
+
+Trace: Hutchinson's estimator with Rademacher probes z (E[z^T H z] = tr H), mean and
+standard error over the probes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from bench.errors import UserError
+from bench.workers import ParamLayout
+
+FULL_SET_MAX = 5000  # training sets up to this size are measured on all of their samples
+DEFAULT_SAMPLES = 2048  # larger ones on this many
+HVP_METHODS = ("double-backward", "forward-over-reverse")
+EIG_METHODS = ("lanczos", "power")
+
+
+def hessian_subset(n_train: int, samples: int = 0, seed: int = 0) -> torch.Tensor:
+    """Sorted int64 indices of the training samples the Hessian is measured on.
+
+    samples=0: the default rule (all when n_train <= 5000, else 2048). A request larger
+    than the training set gives the whole set.
+    """
+    if samples < 0:
+        raise UserError(f"--hessian-samples must be >= 0 (0 = the default rule); got {samples}")
+    if samples == 0:
+        samples = n_train if n_train <= FULL_SET_MAX else DEFAULT_SAMPLES
+    if samples >= n_train:
+        return torch.arange(n_train, dtype=torch.int64)
+    idx = np.random.default_rng(seed).choice(n_train, size=samples, replace=False)
+    return torch.from_numpy(np.sort(idx).astype(np.int64))
+
+
+class HVP:
+    """v -> H v, H the Hessian of the mean cross-entropy of `module` on (x, y).
+
+    The module is put in eval mode (see THE PROTOCOL) and is not otherwise changed: the
+    products are taken with torch.autograd.grad / torch.func, never with .backward(), so
+    no .grad is written. The samples are processed in chunks of `chunk`; chunk c adds the
+    Hessian of (sum of its losses) / N, so the sum over chunks is exactly the Hessian of
+    the mean and the memory is that of one chunk.
+
+    method:
+      double-backward       g = grad(loss, create_graph=True); Hv = grad(g, grad_outputs=v)
+      forward-over-reverse  Hv = jvp(grad(loss o functional_call), (params,), (v,))
+
+    Vectors are flat, of length d, in the layout of bench.workers.ParamLayout; `count`
+    counts the products computed so far.
+    """
+
+    def __init__(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024,
+                 method: str = "double-backward"):
+        if method not in HVP_METHODS:
+            raise UserError(f"unknown Hessian-vector product method {method!r}; valid: {', '.join(HVP_METHODS)}")
+        if len(y) == 0:
+            raise UserError("the Hessian subset is empty; use --hessian-samples > 0 or 0 for the default")
+        self.module = module.eval()
+        self.layout = ParamLayout(module)
+        self.d = self.layout.d
+        named = dict(module.named_parameters())
+        self.params = [named[s.name] for s in self.layout.slots]
+        first = self.params[0]
+        self.dtype, self.device = first.dtype, first.device
+        self.x = x.to(self.device, self.dtype if x.is_floating_point() else x.dtype)
+        self.y = y.to(self.device)
+        self.n = len(self.y)
+        self.chunk = max(1, int(chunk))
+        self.method = method
+        self.count = 0
+
+    def _chunks(self):
+        for s in range(0, self.n, self.chunk):
+            yield self.x[s:s + self.chunk], self.y[s:s + self.chunk]
+
+    def loss(self) -> float:
+        """The mean cross-entropy the Hessian is taken of."""
+        with torch.no_grad():
+            return sum(F.cross_entropy(self.module(xc), yc, reduction="sum").item() for xc, yc in self._chunks()) / self.n
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        if v.shape != (self.d,):
+            raise ValueError(f"HVP: expected a vector of length {self.d}, got shape {tuple(v.shape)}")
+        v = v.to(self.device, self.dtype)
+        out = torch.zeros(self.d, dtype=self.dtype, device=self.device)
+        with torch.enable_grad():
+            for xc, yc in self._chunks():
+                if self.method == "double-backward":
+                    out += self._double_backward(xc, yc, v)
+                else:
+                    out += self._forward_over_reverse(xc, yc, v)
+        self.count += 1
+        return out
+
+    def _double_backward(self, xc, yc, v):
+        loss = F.cross_entropy(self.module(xc), yc, reduction="sum") / self.n
+        grads = torch.autograd.grad(loss, self.params, create_graph=True)
+        vs = [t.view(s.shape) for t, s in zip(self.layout.row_views(v).values(), self.layout.slots)]
+        pairs = [(g, w) for g, w in zip(grads, vs) if g.requires_grad]
+        if not pairs:  # the loss is linear in every parameter: H = 0
+            return torch.zeros_like(v)
+        hv = torch.autograd.grad([g for g, _ in pairs], self.params, grad_outputs=[w for _, w in pairs],
+                                 allow_unused=True)
+        return torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1)
+                          for h, p in zip(hv, self.params)])
+
+    def _forward_over_reverse(self, xc, yc, v):
+        names = [s.name for s in self.layout.slots]
+        primals = {n: p.detach() for n, p in zip(names, self.params)}
+        tangents = self.layout.row_views(v)
+        n = self.n
+
+        def loss_of(p):
+            return F.cross_entropy(functional_call(self.module, p, (xc,)), yc, reduction="sum") / n
+
+        _, hv = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tangents,))
+        return torch.cat([hv[k].reshape(-1) for k in names])
+
+
+class _Counted:
+    """A float64 numpy view of an HVP (or of any callable v -> Hv) that counts its products."""
+
+    def __init__(self, hvp: Callable, d: int):
+        self.hvp, self.d, self.count = hvp, d, 0
+        self.dtype = getattr(hvp, "dtype", torch.float64)
+        self.device = getattr(hvp, "device", torch.device("cpu"))
+
+    def torch(self, v: torch.Tensor) -> torch.Tensor:
+        self.count += 1
+        return self.hvp(v.to(self.device, self.dtype)).to(torch.float64)
+
+    def numpy(self, v: np.ndarray) -> np.ndarray:
+        v = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64).reshape(-1))
+        return self.torch(v).cpu().numpy()
+
+
+def _residual(hv: torch.Tensor, v: torch.Tensor, lam: float) -> float:
+    r = torch.linalg.vector_norm(hv - lam * v).item()
+    return r / abs(lam) if lam != 0 else float("inf") if r > 0 else 0.0
+
+
+def top_eigenvalue(hvp: Callable, d: int, method: str = "lanczos", seed: int = 0, tol: float = 1e-3,
+                   max_iter: int = 100, ncv: int = 20) -> dict:
+    """The largest eigenvalue of the Hessian behind `hvp` (a callable v [d] -> Hv [d]).
+
+    Returns {top_eig, method, hvps, residual, seconds, converged}; see the module docstring
+    for the methods and what `hvps` counts. max_iter: power - products; lanczos - ARPACK
+    restarts (each costs about ncv - 1 products). ncv: Lanczos basis size.
+    """
+    if method not in EIG_METHODS:
+        raise UserError(f"unknown --hessian-method {method!r}; valid: {', '.join(EIG_METHODS)}")
+    op = _Counted(hvp, d)
+    t0 = time.perf_counter()
+    v0 = np.random.default_rng(seed).standard_normal(d)
+    converged = True
+    if method == "lanczos":
+        from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+
+        lin = LinearOperator((d, d), matvec=op.numpy, dtype=np.float64)
+        try:
+            vals, vecs = eigsh(lin, k=1, which="LA", v0=v0, tol=tol, maxiter=max_iter, ncv=min(ncv, d))
+        except ArpackNoConvergence as e:
+            converged = False
+            vals, vecs = e.eigenvalues, e.eigenvectors
+        if len(vals) == 0:
+            lam, res = float("nan"), float("nan")
+        else:
+            lam = float(vals[0])
+            v = torch.from_numpy(np.ascontiguousarray(vecs[:, 0])).to(op.device)
+            v = v / torch.linalg.vector_norm(v)
+            res = _residual(op.torch(v), v, lam)
+    else:
+        v = torch.from_numpy(v0).to(op.device)
+        v = v / torch.linalg.vector_norm(v)
+        hv = op.torch(v)
+        lam = torch.dot(v, hv).item()
+        converged = False
+        for _ in range(1, max(1, max_iter)):
+            norm = torch.linalg.vector_norm(hv)
+            if norm == 0:  # H v = 0: v is an eigenvector with eigenvalue 0
+                converged = True
+                break
+            prev = lam
+            v = hv / norm
+            hv = op.torch(v)
+            lam = torch.dot(v, hv).item()
+            if abs(lam - prev) < tol * abs(lam):
+                converged = True
+                break
+        res = _residual(hv, v, lam)
+    return {"top_eig": lam, "method": method, "hvps": op.count, "residual": res,
+            "seconds": time.perf_counter() - t0, "converged": converged}
+
+
+def hessian_trace(hvp: Callable, d: int, probes: int = 100, seed: int = 0) -> dict:
+    """Hutchinson's estimate of tr H: mean of z^T H z over Rademacher probes z (seeded)."""
+    if probes < 2:
+        raise UserError(f"--hessian-probes must be >= 2 (a standard error needs two); got {probes}")
+    op = _Counted(hvp, d)
+    t0 = time.perf_counter()
+    rng = np.random.default_rng([seed, 2])
+    vals = []
+    for _ in range(probes):
+        z = torch.from_numpy(rng.integers(0, 2, size=d).astype(np.float64) * 2.0 - 1.0).to(op.device)
+        vals.append(torch.dot(z, op.torch(z)).item())
+    vals = np.asarray(vals)
+    return {"trace": float(vals.mean()), "stderr": float(vals.std(ddof=1) / np.sqrt(probes)), "probes": probes,
+            "hvps": op.count, "seconds": time.perf_counter() - t0}
+
+
+def measure_sharpness(module: nn.Module, data, idx: torch.Tensor, method: str = "lanczos", trace: bool = False,
+                      probes: int = 100, seed: int = 0, chunk: int = 1024,
+                      hvp_method: str = "double-backward") -> dict:
+    """Top eigenvalue (and optionally the trace) of `module`'s Hessian on training samples idx.
+
+    `module` is x_bar with its BatchNorm statistics already recalibrated; `idx` comes from
+    hessian_subset. Parameters and buffers are left as they were; the train/eval mode is
+    restored on return.
+    """
+    was_training = module.training
+    try:
+        dev = data.x_train.device
+        idx = idx.to(dev)
+        hvp = HVP(module, data.prepare(data.x_train[idx]), data.y_train[idx], chunk=chunk, method=hvp_method)
+        eig = top_eigenvalue(hvp, hvp.d, method=method, seed=seed)
+        out = {"top_eig": eig["top_eig"], "hessian_method": method, "hessian_hvps": eig["hvps"],
+               "hessian_residual": eig["residual"], "hessian_seconds": eig["seconds"], "hessian_samples": len(idx)}
+        if trace:
+            tr = hessian_trace(hvp, hvp.d, probes=probes, seed=seed)
+            out.update({"hessian_trace": tr["trace"], "hessian_trace_stderr": tr["stderr"]})
+            out["hessian_hvps"] += tr["hvps"]
+            out["hessian_seconds"] += tr["seconds"]
+        return out
+    finally:
+        module.train(was_training)

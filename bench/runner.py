@@ -88,7 +88,7 @@ class Trainer:
         k = min(len(data.y_train), cfg.eval_train_samples)
         self.train_subset = torch.from_numpy(np.sort(g.permutation(len(data.y_train))[:k])).to(device)
         self.bytes_per_step = rule_cls.sends_per_step(n, self.topology) * param_bytes(self.workers.layout)
-        self.rule_cls = rule_cls
+        self.writer = self.comm.rank == 0  # only one process writes results
 
     def lr(self, t: int) -> float:
         c = self.cfg
@@ -118,7 +118,8 @@ class Trainer:
 
     def train(self, progress: Optional[Progress] = None) -> dict:
         cfg, w = self.cfg, self.workers
-        results.write_json(self.run_dir / "config.json", cfg.to_dict())
+        if self.writer:
+            results.write_json(self.run_dir / "config.json", cfg.to_dict())
         x0, y0 = self.batch(0)
         flops = metrics.flops_per_grad(w.eval_module, x0[0], y0[0]) * self.algo.oracle.grad_evals
         eval_every = cfg.eval_every or max(1, cfg.steps // 10)
@@ -133,9 +134,11 @@ class Trainer:
             ctx = StepContext(t, lr, cfg.lr, self.comm, cfg.seed)
             x, y = self.batch(t)
             losses, X_next = self.algo.step(w, w.X, x, y, ctx)
-            mean_loss = self.comm.sum(losses.sum()).item() / cfg.workers
+            # One reduction for both: the workers' loss sum and the count of non-finite parameters.
+            stat = self.comm.sum(torch.stack([losses.sum(), (~torch.isfinite(X_next)).sum().to(losses.dtype)]))
+            mean_loss, nonfinite = stat[0].item() / cfg.workers, stat[1].item()
             train_s += time.perf_counter() - t0
-            if not math.isfinite(mean_loss) or not torch.isfinite(X_next).all():
+            if not math.isfinite(mean_loss) or nonfinite > 0:
                 status, diverged_step = "diverged", t
                 break
             w.X = X_next
@@ -149,16 +152,19 @@ class Trainer:
                              "gamma": self.algo.rule.gamma(ctx), "train_loss_running": loss_acc / max(1, loss_cnt),
                              **last, "train_seconds": train_s})
                 loss_acc, loss_cnt = 0.0, 0
-                results.write_csv(self.run_dir / "metrics.csv", rows)
+                if self.writer:
+                    results.write_csv(self.run_dir / "metrics.csv", rows)
             if progress:
                 progress(t + 1, cfg.steps, {"loss": mean_loss, **last})
         if status == "diverged":
-            results.write_csv(self.run_dir / "metrics.csv", rows)
             last = {k: None for k in ("test_acc", "test_loss", "train_acc", "train_loss", "consensus_distance")}
-        else:
-            results.save_model(self.run_dir / "model.pt", w.eval_module.state_dict())
         summary = self.summary(status, diverged_step, last, train_s, eval_s, flops)
-        results.write_json(self.run_dir / "summary.json", summary)
+        if self.writer:
+            if status == "diverged":
+                results.write_csv(self.run_dir / "metrics.csv", rows)
+            else:
+                results.save_model(self.run_dir / "model.pt", w.eval_module.state_dict())
+            results.write_json(self.run_dir / "summary.json", summary)
         summary["run_dir"] = str(self.run_dir)
         return summary
 

@@ -121,13 +121,8 @@ class RunConfig:
         return _hash(self.semantic_dict(with_seed=False))
 
     def run_id(self) -> str:
-        topo = self.topology.replace("/", "_").replace(":", "-")[:24] if self.comm_rule() != "allreduce" else "allreduce"
+        topo = self.topology.replace("/", "_").replace(":", "-")[:24]
         return f"{self.algo}-{topo}-n{self.workers}-b{self.batch}-s{self.seed}-{_hash(self.semantic_dict())[:8]}"
-
-    def comm_rule(self) -> str:
-        from algorithms import PRESETS
-
-        return self.comm or (PRESETS.get(self.algo)["comm"] if self.algo in PRESETS else "?")
 
     @property
     def total_batch(self) -> int:
@@ -225,6 +220,9 @@ class RunConfig:
         for k in ("grad", "opt", "comm"):
             if getattr(self, k) is None:
                 kw[k] = preset[k]
+        if kw.get("comm", self.comm) == "allreduce":
+            # One model: the topology and the gossip order play no part (and must not split groups).
+            kw["topology"], kw["order"] = "allreduce", "cta"
         if self.steps is None:
             kw["steps"] = max(1, round(self.epochs * epoch_steps(n_train, self.total_batch)))
         if self.lr_scaling == "linear":

@@ -174,7 +174,7 @@ class Trainer:
         return {
             "run_id": cfg.run_id(), "config_id": cfg.config_id(),
             "algo": cfg.algo, "grad": cfg.grad, "opt": cfg.opt, "comm": cfg.comm,
-            "topology": cfg.topology if props else "allreduce",
+            "topology": cfg.topology,
             "workers": cfg.workers, "dataset": cfg.dataset, "model": cfg.model, "seed": cfg.seed,
             "batch": cfg.batch, "total_batch": cfg.total_batch, "lr": cfg.lr, "steps": cfg.steps,
             "epochs": cfg.steps / self.epoch_len,

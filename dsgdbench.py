@@ -92,6 +92,10 @@ def run(
     samples: int = typer.Option(_D.samples, help="AD-SAM noise draws per step."),
     eval_every: int = typer.Option(_D.eval_every, help="Evaluate every N steps (0: ~10 times); always at the end."),
     val_fraction: float = typer.Option(_D.val_fraction, help="Hold out this fraction of the training set as the test split."),
+    hessian: bool = typer.Option(_D.hessian, "--hessian/--no-hessian", help="Top Hessian eigenvalue at the end."),
+    hessian_method: str = typer.Option(_D.hessian_method, help="lanczos or power."),
+    hessian_samples: int = typer.Option(_D.hessian_samples, help="Training samples (0: all if <= 5000, else 2048)."),
+    hessian_trace: bool = typer.Option(_D.hessian_trace, "--hessian-trace", help="Also the Hutchinson trace."),
     device: str = typer.Option(_D.device, help="cpu or cuda."),
     executor: str = typer.Option(_D.executor, help="auto, native (batched model) or loop."),
     results_dir: str = typer.Option(_D.results, "--results", help="Results folder."),
@@ -110,6 +114,8 @@ def run(
               momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, wd_1d=wd_1d, eps=eps, clip=clip,
               p=p, ac_start=ac_start, gamma_min=gamma_min, rho=rho, adaptive=adaptive, sigma=sigma,
               sigma_mode=sigma_mode, samples=samples, eval_every=eval_every, val_fraction=val_fraction,
+              hessian=hessian, hessian_method=hessian_method, hessian_samples=hessian_samples,
+              hessian_trace=hessian_trace,
               device=device, executor=executor, results=results_dir, data_dir=data_dir, download=download)
     if milestones is not None:
         kw["milestones"] = _floats(milestones, "milestones")
@@ -274,6 +280,33 @@ def topology(
     for k, v in props.items():
         t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     out.print(t)
+
+
+@app.command()
+def landscape(
+    run_dirs: List[Path] = typer.Argument(..., help="One or more run folders (results/<run_id>)."),
+    dim: int = typer.Option(1, help="1: curves of every run in one figure; 2: contour of the first run."),
+    out_file: Path = typer.Option(Path("landscape.png"), "--out", help="PNG file to write."),
+    points: int = typer.Option(25, help="Grid points per axis."),
+    span: float = typer.Option(1.0, help="Extent of the grid along each direction: alpha in [-span, span]."),
+    samples: Optional[int] = typer.Option(None, help="Training samples (default: the run's Hessian subset)."),
+    seed: int = typer.Option(0, help="Seed of the random directions."),
+):
+    """Loss along filter-normalised random directions (Li et al. 2018) around the averaged model."""
+    from bench.landscape import load_run_model, plot_landscape
+
+    runs = []
+    for d in run_dirs:
+        module, data, idx = load_run_model(d, samples)
+        label = d.name
+        try:
+            s = json.loads((d / "summary.json").read_text())
+            label = f"{s['algo']} {s['topology']} seed {s['seed']}"
+        except (OSError, ValueError, KeyError):
+            pass
+        runs.append((label, module, data, idx))
+    plot_landscape(runs, dim=dim, points=points, span=span, seed=seed, out=str(out_file))
+    err.print(f"wrote {out_file}")
 
 
 @app.command()

@@ -31,6 +31,11 @@ from bench.workers import Workers, param_bytes
 
 Progress = Callable[[int, int, dict], None]
 
+# Recorded in every summary beside top_eig (bench/hessian.py states it in full).
+HESSIAN_PROTOCOL = ("x_bar after BatchNorm recalibration, eval mode; mean cross-entropy without weight decay; "
+                    "all trainable parameters; fixed training subset (all samples if N <= 5000, else 2048; "
+                    "seed 0), no augmentation; start vector seed 0")
+
 
 def device_of(cfg: RunConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -112,6 +117,19 @@ class Trainer:
         return {"test_acc": test_acc, "test_loss": test_loss, "train_acc": train_acc, "train_loss": train_loss,
                 "consensus_distance": metrics.consensus_distance(w.X, xbar, self.comm)}
 
+    def sharpness(self) -> dict:
+        """Top Hessian eigenvalue of x_bar under the protocol of bench/hessian.py.
+
+        eval_module holds x_bar with recalibrated BatchNorm from the final evaluation.
+        """
+        from bench.hessian import hessian_subset, measure_sharpness
+
+        cfg = self.cfg
+        idx = hessian_subset(len(self.data.y_train), cfg.hessian_samples, seed=0)
+        out = measure_sharpness(self.workers.eval_module, self.data, idx, cfg.hessian_method, cfg.hessian_trace)
+        out["hessian_protocol"] = HESSIAN_PROTOCOL
+        return out
+
     def _sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -158,6 +176,8 @@ class Trainer:
                 progress(t + 1, cfg.steps, {"loss": mean_loss, **last})
         if status == "diverged":
             last = {k: None for k in ("test_acc", "test_loss", "train_acc", "train_loss", "consensus_distance")}
+        if status == "completed" and cfg.hessian and self.writer:
+            last = {**last, **self.sharpness()}
         summary = self.summary(status, diverged_step, last, train_s, eval_s, flops)
         if self.writer:
             if status == "diverged":

@@ -123,6 +123,10 @@ def run(
         kw["betas"] = _floats(betas, "betas", 2)
     if config is not None:
         kw = _merge_toml(config, kw, ctx)
+        # Two keys of the file are CLI options rather than RunConfig fields.
+        toml_seeds = kw.pop("seeds", seeds)
+        seeds = ",".join(map(str, toml_seeds)) if isinstance(toml_seeds, list) else toml_seeds
+        force = bool(kw.pop("force", force))
     base = RunConfig.from_dict(kw).validate()
     seed_list = parse_seeds(seeds) if seeds else [base.seed]
     for s in seed_list:

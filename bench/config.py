@@ -96,9 +96,9 @@ class RunConfig:
             if k not in names:
                 raise UserError(unknown_name("option", k, sorted(names)))
         kw = dict(d)
-        for k in ("milestones", "betas"):
-            if k in kw and kw[k] is not None:
-                kw[k] = tuple(float(v) for v in kw[k])
+        for f in fields(cls):
+            if f.name in kw:
+                kw[f.name] = _coerce(f.name, f.type, kw[f.name])
         return cls(**kw)
 
     def replace(self, **kw) -> "RunConfig":
@@ -153,6 +153,8 @@ class RunConfig:
         _choice("hessian-method", self.hessian_method, ("lanczos", "power"))
         _choice("sigma-mode", self.sigma_mode, ("filter", "absolute"))
         _choice("executor", self.executor, ("auto", "native", "loop"))
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed must be an integer in [0, 2^32) (got {self.seed})")
         _positive_int("workers", self.workers)
         _positive_int("batch", self.batch)
         _positive_int("ref-batch", self.ref_batch)
@@ -231,6 +233,37 @@ class RunConfig:
         return self.replace(**kw)
 
 
+def _coerce(name: str, typ: str, v: Any) -> Any:
+    """Check a value from a dict/TOML against the field's annotated type (a string here)."""
+    opt = typ.startswith("Optional[")
+    if v is None and opt:
+        return None
+    base = typ[9:-1] if opt else typ
+    bad = UserError(f"option {name!r}: expected {base}, got {v!r}")
+    if base == "bool":
+        if not isinstance(v, bool):
+            raise bad
+        return v
+    if base == "int":
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise bad
+        return v
+    if base == "float":
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise bad
+        return float(v)
+    if base == "str":
+        if not isinstance(v, str):
+            raise bad
+        return v
+    if base.startswith("tuple"):
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                       for x in v):
+            raise bad
+        return tuple(float(x) for x in v)
+    return v
+
+
 def _choice(name: str, value: str, valid) -> None:
     if value not in valid:
         raise UserError(unknown_name(f"--{name} value", value, valid))
@@ -260,6 +293,8 @@ def parse_seeds(text: str) -> list[int]:
         raise UserError(f"--seeds {text!r}: use a list like 0,1,2 or a range like 0-4") from None
     if not out:
         raise UserError("--seeds is empty")
+    if any(not 0 <= s < 2**32 for s in out):
+        raise UserError(f"--seeds {text!r}: seeds are integers in [0, 2^32)")
     return out
 
 

@@ -183,7 +183,7 @@ def _residual(hv: torch.Tensor, v: torch.Tensor, lam: float) -> float:
 
 
 def top_eigenvalue(hvp: Callable, d: int, method: str = "lanczos", seed: int = 0, tol: float = 1e-3,
-                   max_iter: int = 100, ncv: int = 20) -> dict:
+                   max_iter: int = 100, ncv: int = 10) -> dict:
     """The largest eigenvalue of the Hessian behind `hvp` (a callable v [d] -> Hv [d]).
 
     Returns {top_eig, method, hvps, residual, seconds, converged}; see the module docstring
@@ -192,13 +192,13 @@ def top_eigenvalue(hvp: Callable, d: int, method: str = "lanczos", seed: int = 0
     """
     if method not in EIG_METHODS:
         raise UserError(f"unknown --hessian-method {method!r}; valid: {', '.join(EIG_METHODS)}")
+    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh  # imported before the clock starts
+
     op = _Counted(hvp, d)
     t0 = time.perf_counter()
     v0 = np.random.default_rng(seed).standard_normal(d)
     converged = True
     if method == "lanczos":
-        from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
-
         lin = LinearOperator((d, d), matvec=op.numpy, dtype=np.float64)
         try:
             vals, vecs = eigsh(lin, k=1, which="LA", v0=v0, tol=tol, maxiter=max_iter, ncv=min(ncv, d))

@@ -40,7 +40,7 @@ def runs_frame(root: str, warn=None) -> pd.DataFrame:
         cfg_file = Path(s["run_dir"]) / "config.json"
         try:
             cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             cfg = {}
         row = {k: v for k, v in s.items() if not isinstance(v, (dict, list))}
         row.update({f"cfg.{k}": json.dumps(v) if isinstance(v, list) else v for k, v in cfg.items()})
@@ -59,7 +59,8 @@ def group_keys(df: pd.DataFrame, by: list[str] | None) -> list[str]:
         return [k if k in df.columns else f"cfg.{k}" for k in by]
     keys = [k for k in LABEL_KEYS if k in df.columns]
     skip = {"cfg.seed", "cfg.results", "cfg.data_dir", "cfg.download", "cfg.device", "cfg.executor",
-            "cfg.backend", "cfg.procs", "cfg.dist_timeout", "cfg.steps" if "cfg.epochs" in df.columns else ""}
+            "cfg.backend", "cfg.procs", "cfg.dist_timeout",
+            "cfg.epochs"}  # the resolved cfg.steps is what counts; epochs may be an unused default
     for c in df.columns:
         if c.startswith("cfg.") and c not in skip and c[4:] not in keys and df[c].astype(str).nunique() > 1:
             keys.append(c)

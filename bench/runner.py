@@ -69,8 +69,9 @@ def run(cfg: RunConfig, progress: Optional[Progress] = None, force: bool = False
         s["skipped"] = True
         s["run_dir"] = str(run_dir)
         return s
+    trainer = Trainer(cfg, data, device, run_dir, comm)  # may still reject the input: no folder before
     run_dir.mkdir(exist_ok=True)
-    return Trainer(cfg, data, device, run_dir, comm).train(progress)
+    return trainer.train(progress)
 
 
 class Trainer:

@@ -129,11 +129,24 @@ def test_frozen_and_eval_leave_bn_buffers_alone(name, shape, executor):
 
 
 def test_native_rejected_without_batched_forward():
-    module = build_model("resnet18", (3, 8, 8), 2)
+    module = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))  # any nn.Module without batched_forward
     with pytest.raises(UserError, match="loop"):
         Workers(module, 2, executor="native")
     assert Workers(module, 2, executor="auto").executor == "loop"
     assert Workers(build_model("mlp", (1, 4), 2), 2, executor="auto").executor == "native"
+
+
+def test_load_average_holds_mean_parameters_and_buffers():
+    native, _, _, _ = make_pair("cnn", (1, 8, 8))
+    m = native.load_average(native.average())
+    assert m is native.eval_module and m is not native.module
+    torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in m.parameters()]),
+                               native.X.mean(0), rtol=0, atol=0)
+    mb = dict(m.named_buffers())
+    for k, v in native.buffers.items():
+        torch.testing.assert_close(mb[k], v.mean(0), rtol=0, atol=0)
+    # the training module keeps its own (initial) parameters
+    assert not torch.equal(native.layout.flatten(native.module), native.X.mean(0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,6 +226,8 @@ def test_layout_filter_ids_and_one_d_mask():
 
 @pytest.mark.parametrize("name", ["resnet18", "timm:test_resnet"])
 def test_large_models_run_with_loop_executor(name):
+    """No batched_forward: the loop executor runs them, worker by worker, exactly as the module would.
+    (resnet18 is checked forward only, in train mode, to keep the test fast on a CPU.)"""
     if name.startswith("timm:"):
         timm = pytest.importorskip("timm")
         assert name[5:] in timm.list_models()
@@ -220,16 +235,27 @@ def test_large_models_run_with_loop_executor(name):
     module = build_model(name, (3, 32, 32), 10)
     w = Workers(module, 2, executor="auto")
     assert w.executor == "loop"
+    assert w.buffers, "both models have BatchNorm"
     g = torch.Generator().manual_seed(0)
     w.X = w.X + 0.01 * torch.randn(w.X.shape, generator=g)
     x = torch.randn(2, 2, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (2, 2), generator=g)
-    ref = worker_module(w, 1)
-    losses, G = w.loss_and_grad(w.X, x, y, "train")
-    assert losses.shape == (2,) and G.shape == (2, w.layout.d)
-    assert torch.isfinite(G).all() and G.abs().sum() > 0
-    ref.train()
-    torch.testing.assert_close(losses[1], F.cross_entropy(ref(x[1]), y[1]).detach(), rtol=1e-4, atol=1e-5)
+    ref = worker_module(w, 1).train()
+    if name == "resnet18":
+        with torch.no_grad():
+            out = w.logits(w.X, x, "train")
+            expect = ref(x[1])
+        assert out.shape == (2, 2, 10)
+        torch.testing.assert_close(out[1], expect, rtol=1e-4, atol=1e-5)
+    else:
+        losses, G = w.loss_and_grad(w.X, x, y, "train")
+        assert losses.shape == (2,) and G.shape == (2, w.layout.d)
+        assert torch.isfinite(G).all() and G.abs().sum() > 0
+        loss = F.cross_entropy(ref(x[1]), y[1])
+        loss.backward()
+        torch.testing.assert_close(losses[1], loss.detach(), rtol=1e-4, atol=1e-5)
+        g_ref = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
+        torch.testing.assert_close(G[1], g_ref, rtol=1e-4, atol=1e-5)
     # the train pass updated worker 1's running statistics exactly as the module's own pass did
     mb = dict(ref.named_buffers())
     for k, v in w.buffers.items():

@@ -6,7 +6,9 @@ A user's mistake (bench.errors.UserError) is one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -103,6 +105,9 @@ def run(
     download: bool = typer.Option(_D.download, "--download", help="Allow downloading CIFAR into --data-dir."),
     force: bool = typer.Option(False, "--force", help="Rerun even if a finished run exists."),
     config: Optional[Path] = typer.Option(None, help="TOML file of options (flags given here win)."),
+    backend: str = typer.Option(_D.backend, help="simulated (all workers in this process) or dist (torch.distributed)."),
+    procs: int = typer.Option(_D.procs, help="--backend dist: start P local processes (P must divide --workers)."),
+    dist_timeout: float = typer.Option(_D.dist_timeout, help="--backend dist: seconds before a stalled collective fails."),
 ):
     """Train one configuration (per seed) and write results/<run_id>/."""
     from bench.config import parse_seeds
@@ -116,7 +121,8 @@ def run(
               sigma_mode=sigma_mode, samples=samples, eval_every=eval_every, val_fraction=val_fraction,
               hessian=hessian, hessian_method=hessian_method, hessian_samples=hessian_samples,
               hessian_trace=hessian_trace,
-              device=device, executor=executor, results=results_dir, data_dir=data_dir, download=download)
+              device=device, executor=executor, results=results_dir, data_dir=data_dir, download=download,
+              backend=backend, procs=procs, dist_timeout=dist_timeout)
     if milestones is not None:
         kw["milestones"] = _floats(milestones, "milestones")
     if betas is not None:
@@ -128,21 +134,40 @@ def run(
         seeds = ",".join(map(str, toml_seeds)) if isinstance(toml_seeds, list) else toml_seeds
         force = bool(kw.pop("force", force))
     base = RunConfig.from_dict(kw).validate()
-    seed_list = parse_seeds(seeds) if seeds else [base.seed]
-    for s in seed_list:
-        cfg = base.replace(seed=s)
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err,
-                      transient=True, disable=not err.is_terminal) as bar:
-            task = bar.add_task(f"{cfg.algo} {cfg.topology} seed {s}", total=None, info="")
+    if base.procs > 1 and base.backend == "simulated":
+        base = base.replace(backend="dist")
+    cfgs = [base.replace(seed=s) for s in (parse_seeds(seeds) if seeds else [base.seed])]
+    group, run_fn, quiet = contextlib.nullcontext(), run_one, False
+    if base.backend == "dist":
+        from bench import distributed
 
-            def cb(step, total, info):
-                if step == 1 or step % 10 == 0 or step == total:
-                    acc = f" test {info['test_acc']:.1f}%" if info.get("test_acc") is not None else ""
-                    bar.update(task, completed=step, total=total, info=f"loss {info['loss']:.3f}{acc}")
+        if not distributed.under_torchrun():
+            if base.procs < 2:
+                raise UserError(distributed.NEED_TORCHRUN)
+            for summary in distributed.launch(cfgs, base.procs, force=force):
+                _print_run(summary)
+            return
+        group, run_fn = distributed.process_group(base), distributed.run_distributed
+        quiet = os.environ.get("RANK", "0") != "0"  # one progress bar, on rank 0
+    with group:
+        for cfg in cfgs:
+            summary = _run_with_progress(run_fn, cfg, force, quiet)
+            if summary is not None:  # the other ranks of a torchrun job return None
+                _print_run(summary)
 
-            summary = run_one(cfg, progress=cb, force=force)
-        _print_run(summary)
+
+def _run_with_progress(run_fn, cfg, force: bool, quiet: bool):
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err,
+                  transient=True, disable=quiet or not err.is_terminal) as bar:
+        task = bar.add_task(f"{cfg.algo} {cfg.topology} seed {cfg.seed}", total=None, info="")
+
+        def cb(step, total, info):
+            if step == 1 or step % 10 == 0 or step == total:
+                acc = f" test {info['test_acc']:.1f}%" if info.get("test_acc") is not None else ""
+                bar.update(task, completed=step, total=total, info=f"loss {info['loss']:.3f}{acc}")
+
+        return run_fn(cfg, progress=cb, force=force)
 
 
 def _merge_toml(path: Path, flags: dict, ctx) -> dict:

@@ -16,20 +16,21 @@ the rows of its X [m, d]; algorithms see the same four calls as with SimulatedCo
   sum(v)             all_reduce(SUM) of a copy of v
 
 Exchange plans are computed from the topology alone, so every rank derives the same
-send and receive lists (matched, never a send without its receive); they are
-cached per t mod period. Every communicating pair is exercised once at
+send and receive lists (matched, never a send without its receive); one plan
+per t mod period, built at construction. Every communicating pair is exercised once at
 construction, after one collective, because NCCL creates its communicators lazily.
 
 Launch: `torchrun --nproc-per-node P -m dsgdbench run ... --backend dist` (every
 rank runs the CLI; init_from_env reads torchrun's environment), or `launch(cfg, P)`,
 which starts P local processes through torch's elastic launcher and returns rank
-0's summary. gloo on CPU, NCCL on CUDA (rank on cuda:LOCAL_RANK). The timeout given
+0's summary; process_group() holds one group for several runs (seeds). gloo on CPU, NCCL on CUDA (rank on cuda:LOCAL_RANK). The timeout given
 to init_process_group (cfg.dist_timeout) bounds every collective: a rank that dies
 or hangs makes the others fail instead of waiting forever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -45,7 +46,8 @@ from bench.config import RunConfig
 from bench.errors import UserError
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
+NEED_TORCHRUN = ("--backend dist needs torchrun's environment (RANK, WORLD_SIZE, ...): launch with "
+                 "`torchrun --nproc-per-node P -m dsgdbench run ... --backend dist` or use --procs P")
 
 
 def _divisors(n: int) -> list[int]:
@@ -272,12 +274,15 @@ def make_comm(cfg: RunConfig) -> DistComm:
     return DistComm(cfg.workers, topo, device)
 
 
-def init_from_env(cfg: RunConfig) -> DistComm:
-    """Join the process group described by torchrun's environment; return this rank's DistComm."""
-    missing = [k for k in ENV_VARS if k not in os.environ]
-    if missing:
-        raise UserError("--backend dist needs torchrun's environment (RANK, WORLD_SIZE, ...): launch with "
-                        "`torchrun --nproc-per-node P -m dsgdbench run ... --backend dist` or use --procs P")
+def under_torchrun() -> bool:
+    """True when torchrun (or another launcher) set this process's rank environment."""
+    return all(k in os.environ for k in ENV_VARS)
+
+
+def _join(cfg: RunConfig) -> bool:
+    """Join torchrun's process group unless already in one; True when this call created it."""
+    if not under_torchrun():
+        raise UserError(NEED_TORCHRUN)
     cfg.validate()
     world, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     check_procs(cfg.workers, world)
@@ -290,21 +295,50 @@ def init_from_env(cfg: RunConfig) -> DistComm:
                             f"use at most {torch.cuda.device_count()} processes per node")
         torch.cuda.set_device(local_rank)
         kw["device_id"] = torch.device("cuda", local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group(_backend_for(cfg), timeout=datetime.timedelta(seconds=cfg.dist_timeout), **kw)
+    if dist.is_initialized():
+        return False
+    # The timeout bounds every collective and point-to-point wait, not only the rendezvous.
+    dist.init_process_group(_backend_for(cfg), timeout=datetime.timedelta(seconds=cfg.dist_timeout), **kw)
+    return True
+
+
+def init_from_env(cfg: RunConfig) -> DistComm:
+    """Join the process group described by torchrun's environment; return this rank's DistComm."""
+    _join(cfg)
     return make_comm(cfg)
 
 
+@contextlib.contextmanager
+def process_group(cfg: RunConfig):
+    """Hold one process group for several runs (seeds), then leave it.
+
+    Runs inside reuse the group; tearing a group down and creating the next on the
+    same MASTER_PORT between runs races (a fast rank can reach the old store).
+    """
+    created = _join(cfg)
+    try:
+        yield
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
 def run_distributed(cfg: RunConfig, progress=None, force: bool = False) -> Optional[dict]:
-    """Train cfg as one rank of a torchrun job; rank 0 returns the summary, the others None."""
+    """Train cfg as one rank of a torchrun job; rank 0 returns the summary, the others None.
+
+    Joins the process group (unless inside process_group(), whose group it reuses)
+    and leaves it at the end, also when the run fails.
+    """
     from bench.runner import run
 
-    comm = init_from_env(cfg)
+    created = _join(cfg)
     try:
+        comm = make_comm(cfg)
         summary = run(cfg, progress if comm.rank == 0 else None, force, comm=comm)
         return summary if comm.rank == 0 else None
     finally:
-        dist.destroy_process_group()
+        if created:
+            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------- local launcher
@@ -319,37 +353,52 @@ def _limit_threads() -> None:
     torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def _print_progress(step: int, total: int, info: dict) -> None:
-    if step == 1 or step == total or step % max(1, total // 10) == 0:
-        acc = f"  test acc {info['test_acc']:.2f}%" if info.get("test_acc") is not None else ""
-        print(f"step {step}/{total}  loss {info['loss']:.4f}{acc}", file=sys.stderr, flush=True)
+def _progress_printer(cfg: RunConfig):
+    def show(step: int, total: int, info: dict) -> None:
+        if step == 1 or step == total or step % max(1, total // 10) == 0:
+            acc = f"  test acc {info['test_acc']:.2f}%" if info.get("test_acc") is not None else ""
+            print(f"{cfg.algo} {cfg.topology} seed {cfg.seed}: step {step}/{total}  loss {info['loss']:.4f}{acc}",
+                  file=sys.stderr, flush=True)
+
+    return show
 
 
-def _entry(cfg_dict: dict, force: bool, show_progress: bool):
+def _entry(cfg_dicts: list, force: bool, show_progress: bool):
     """What every launched process runs (module level, so that spawn can pickle it)."""
     _limit_threads()
-    cfg = RunConfig.from_dict(cfg_dict)
+    cfgs = [RunConfig.from_dict(d) for d in cfg_dicts]
     try:
-        return run_distributed(cfg, _print_progress if show_progress else None, force)
+        with process_group(cfgs[0]):
+            return [run_distributed(c, _progress_printer(c) if show_progress else None, force) for c in cfgs]
     except UserError as e:
         return {"user_error": str(e)}
 
 
-def launch(cfg, procs: int, force: bool = False, progress: bool = True, timeout: Optional[float] = None) -> dict:
-    """Run cfg (a RunConfig or its dict) on procs local processes; return rank 0's summary.
+def launch(cfg, procs: int, force: bool = False, progress: bool = True):
+    """Run cfg on procs local processes and return rank 0's summary.
 
-    Uses torch's elastic launcher (what torchrun runs) with a c10d rendezvous on
-    127.0.0.1 and a free port. A failing rank makes the launcher stop the others and
-    raise torch.distributed.elastic.multiprocessing.errors.ChildFailedError.
+    cfg is a RunConfig or its dict, or a list of them (seeds; one process group
+    runs them in turn and a list of summaries comes back). Uses torch's elastic
+    launcher (what torchrun runs) with a c10d rendezvous on 127.0.0.1 and a free
+    port. A failing rank makes the launcher stop the others and raise
+    torch.distributed.elastic.multiprocessing.errors.ChildFailedError; a UserError
+    inside the ranks is raised here as a UserError.
     """
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
-    cfg = cfg.replace(backend="dist", procs=procs)
-    cfg.validate()
-    check_procs(cfg.workers, procs)
-    _topology(cfg)  # a bad topology spec fails here, once
-    if cfg.device == "cuda":
+    many = isinstance(cfg, (list, tuple))
+    cfgs = [c if isinstance(c, RunConfig) else RunConfig.from_dict(c) for c in (cfg if many else [cfg])]
+    if not cfgs:
+        return []
+    cfgs = [c.replace(backend="dist", procs=procs) for c in cfgs]
+    for c in cfgs:
+        c.validate()
+        check_procs(c.workers, procs)
+        _topology(c)  # a bad topology spec fails here, once
+    if len({(c.device, c.dist_timeout) for c in cfgs}) > 1:
+        raise ValueError("runs launched together must share device and dist_timeout")
+    first = cfgs[0]
+    if first.device == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
         if torch.cuda.device_count() < procs:
@@ -358,13 +407,13 @@ def launch(cfg, procs: int, force: bool = False, progress: bool = True, timeout:
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=procs,
         rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1",
-        rdzv_configs={"timeout": int(timeout or max(60, cfg.dist_timeout))},
+        rdzv_configs={"timeout": int(max(60, first.dist_timeout))},
         run_id=f"dsgdbench-{uuid.uuid4().hex[:12]}",
         max_restarts=0, monitor_interval=0.2, start_method="spawn", shutdown_timeout=5,
     )
-    outputs = elastic_launch(config, _entry)(cfg.to_dict(), force, progress)
-    out = outputs.get(0)
+    outputs = elastic_launch(config, _entry)([c.to_dict() for c in cfgs], force, progress)
     errors = [o["user_error"] for o in outputs.values() if isinstance(o, dict) and "user_error" in o]
     if errors:
         raise UserError(errors[0])
-    return out
+    summaries = outputs[0]
+    return summaries if many else summaries[0]

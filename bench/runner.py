@@ -146,6 +146,7 @@ class Trainer:
         train_s = eval_s = 0.0
         loss_acc, loss_cnt = 0.0, 0
         last = {}
+        steps_done = 0
         for t in range(cfg.steps):
             self._sync()
             t0 = time.perf_counter()
@@ -161,6 +162,7 @@ class Trainer:
                 status, diverged_step = "diverged", t
                 break
             w.X = X_next
+            steps_done = t + 1
             loss_acc += mean_loss
             loss_cnt += 1
             if (t + 1) % eval_every == 0 or t + 1 == cfg.steps:
@@ -177,9 +179,11 @@ class Trainer:
                 progress(t + 1, cfg.steps, {"loss": mean_loss, **last})
         if status == "diverged":
             last = {k: None for k in ("test_acc", "test_loss", "train_acc", "train_loss", "consensus_distance")}
-        if status == "completed" and cfg.hessian and self.writer:
+        # Every rank computes it (same x_bar, same result): a rank that skipped it would
+        # wait in the next collective and could reach dist_timeout.
+        if status == "completed" and cfg.hessian:
             last = {**last, **self.sharpness()}
-        summary = self.summary(status, diverged_step, last, train_s, eval_s, flops)
+        summary = self.summary(status, diverged_step, last, train_s, eval_s, flops, steps_done)
         if self.writer:
             if status == "diverged":
                 results.write_csv(self.run_dir / "metrics.csv", rows)
@@ -189,9 +193,10 @@ class Trainer:
         summary["run_dir"] = str(self.run_dir)
         return summary
 
-    def summary(self, status, diverged_step, last, train_s, eval_s, flops) -> dict:
+    def summary(self, status, diverged_step, last, train_s, eval_s, flops, steps_done) -> dict:
         cfg = self.cfg
         props = self.topology.properties() if self.topology is not None else None
+        sent = getattr(self.comm, "bytes_sent_per_worker_step", None)  # measured by the dist backend
         return {
             "run_id": cfg.run_id(), "config_id": cfg.config_id(),
             "algo": cfg.algo, "grad": cfg.grad, "opt": cfg.opt, "comm": cfg.comm,
@@ -206,6 +211,7 @@ class Trainer:
             "grad_evals_per_step": self.algo.oracle.grad_evals,
             "flops_per_step": flops,
             "bytes_per_step": self.bytes_per_step,
+            "bytes_sent_per_worker_step": sent(steps_done) if sent else None,
             "train_seconds": train_s, "eval_seconds": eval_s,
             "backend": self.comm.backend, "world_size": self.comm.world_size,
             "device": str(self.device), "executor": self.workers.executor,

@@ -23,7 +23,9 @@ Top eigenvalue (the algebraically largest one, lambda_max):
   lanczos  scipy.sparse.linalg.eigsh (ARPACK implicitly restarted Lanczos) on a float64
            LinearOperator that wraps the float32 Hessian-vector product; k=1, which="LA".
            ARPACK stops when the Ritz residual ||H v - theta v|| <= tol |theta|, which
-           bounds the eigenvalue's error by tol |theta| (tol=1e-3: within 0.1%).
+           bounds the eigenvalue's error by tol |theta| (tol=1e-3: within 0.1%). The basis
+           has ncv=10 vectors: scipy's default of 20 never costs fewer than 21 products, while
+           10 converged in 12-17 products on MNIST-1D/cnn1d with errors below 1e-6.
   power    power iteration as in PyHessian (Yao et al. 2020): v <- Hv / ||Hv||, lambda =
            v^T H v, stop when |lambda_k - lambda_(k-1)| / |lambda_k| < tol or after
            max_iter products. It converges to the eigenvalue of largest MAGNITUDE and
@@ -42,6 +44,7 @@ standard error over the probes.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -119,7 +122,8 @@ class HVP:
     def loss(self) -> float:
         """The mean cross-entropy the Hessian is taken of."""
         with torch.no_grad():
-            return sum(F.cross_entropy(self.module(xc), yc, reduction="sum").item() for xc, yc in self._chunks()) / self.n
+            total = sum(F.cross_entropy(self.module(xc), yc, reduction="sum").item() for xc, yc in self._chunks())
+        return total / self.n
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         if v.shape != (self.d,):
@@ -156,7 +160,9 @@ class HVP:
         def loss_of(p):
             return F.cross_entropy(functional_call(self.module, p, (xc,)), yc, reduction="sum") / n
 
-        _, hv = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tangents,))
+        with warnings.catch_warnings():  # torch's forward-AD set-up calls the deprecated torch.jit.script once
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+            _, hv = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tangents,))
         return torch.cat([hv[k].reshape(-1) for k in names])
 
 
@@ -258,7 +264,8 @@ def measure_sharpness(module: nn.Module, data, idx: torch.Tensor, method: str = 
 
     `module` is x_bar with its BatchNorm statistics already recalibrated; `idx` comes from
     hessian_subset. Parameters and buffers are left as they were; the train/eval mode is
-    restored on return.
+    restored on return. hessian_hvps and hessian_seconds cover the eigenvalue and, with
+    trace=True, the trace probes as well.
     """
     was_training = module.training
     try:

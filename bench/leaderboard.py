@@ -62,8 +62,10 @@ def group_keys(df: pd.DataFrame, by: list[str] | None) -> list[str]:
             "cfg.backend", "cfg.procs", "cfg.dist_timeout",
             "cfg.epochs"}  # the resolved cfg.steps is what counts; epochs may be an unused default
     for c in df.columns:
-        if c.startswith("cfg.") and c not in skip and c[4:] not in keys and df[c].astype(str).nunique() > 1:
-            keys.append(c)
+        if c.startswith("cfg.") and c not in skip and c[4:] not in keys:
+            # Only a field that splits a group formed so far (csgd's comm=allreduce follows from algo).
+            if df.astype({c: str}).groupby(keys, dropna=False)[c].nunique().max() > 1:
+                keys.append(c)
     return keys
 
 

@@ -23,7 +23,9 @@ DEVICES = ("cpu", "cuda")
 
 # Fields that do not change what a run computes: left out of the run id and of grouping.
 NON_SEMANTIC = ("results", "data_dir", "download", "device", "executor", "force", "backend", "procs",
-                "dist_timeout")
+                "dist_timeout", "channels_last", "compile")
+PRECISIONS = ("fp32", "bf16")
+EXECUTORS = ("auto", "native", "vmap", "loop")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class RunConfig:
     model: Optional[str] = None  # None: the data set's default
     partition: str = "iid"
     seed: int = 0
+    init: Optional[str] = None  # state_dict file (torch.save) to start every worker from
+    augment: bool = False  # random crop (pad 4) + horizontal flip per sample, on the device (image data)
+    precision: str = "fp32"  # fp32 | bf16 (autocast for forward/backward; parameters and mixing in fp32)
     # components (None: the preset's)
     grad: Optional[str] = None
     opt: Optional[str] = None
@@ -81,6 +86,8 @@ class RunConfig:
     # where and how (not part of the run id)
     device: str = "cpu"
     executor: str = "auto"
+    channels_last: bool = False  # NHWC memory format for image models
+    compile: bool = False  # torch.compile the per-worker forward where it helps
     results: str = "results"
     data_dir: Optional[str] = None
     download: bool = False
@@ -152,7 +159,13 @@ class RunConfig:
         _choice("device", self.device, DEVICES)
         _choice("hessian-method", self.hessian_method, ("lanczos", "power"))
         _choice("sigma-mode", self.sigma_mode, ("filter", "absolute"))
-        _choice("executor", self.executor, ("auto", "native", "loop"))
+        _choice("executor", self.executor, EXECUTORS)
+        _choice("precision", self.precision, PRECISIONS)
+        if self.init is not None:
+            import os
+
+            if not os.path.isfile(self.init):
+                raise UserError(f"--init {self.init!r}: no such file")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise UserError(f"--seed must be an integer in [0, 2^32) (got {self.seed})")
         _positive_int("workers", self.workers)

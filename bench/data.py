@@ -36,6 +36,9 @@ class Dataset:
     default_model: str
     # Applied to a gathered batch (e.g. uint8 -> normalised float32); None = identity.
     transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    # Validation split held out of the training set (--val-fraction); None when there is none.
+    x_val: Optional[torch.Tensor] = None
+    y_val: Optional[torch.Tensor] = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -50,21 +53,24 @@ class Dataset:
 
     def to(self, device) -> "Dataset":
         def mv(t):
-            return t.to(device)
+            return None if t is None else t.to(device)
 
         return Dataset(self.name, mv(self.x_train), mv(self.y_train), mv(self.x_test), mv(self.y_test),
-                       self.num_classes, self.default_model, self.transform)
+                       self.num_classes, self.default_model, self.transform, mv(self.x_val), mv(self.y_val))
 
     def split_validation(self, fraction: float, seed: int = 0) -> "Dataset":
-        """Hold out a seeded fraction of the training set; it becomes the test split."""
+        """Hold out a fraction of the training set (seeded, the same for every run) as a validation split.
+
+        The test split is untouched: tuning picks on validation accuracy, the table reports test metrics.
+        """
         n = len(self.y_train)
         k = int(round(fraction * n))
         if not 0 < k < n:
             raise UserError(f"--val-fraction {fraction} leaves no training or no validation samples (N={n})")
         perm = torch.from_numpy(np.random.default_rng([seed, 7]).permutation(n)).to(self.y_train.device)
         val, tr = perm[:k], perm[k:]
-        return Dataset(self.name, self.x_train[tr], self.y_train[tr], self.x_train[val], self.y_train[val],
-                       self.num_classes, self.default_model, self.transform)
+        return Dataset(self.name, self.x_train[tr], self.y_train[tr], self.x_test, self.y_test,
+                       self.num_classes, self.default_model, self.transform, self.x_train[val], self.y_train[val])
 
 
 DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")

@@ -203,3 +203,28 @@ def build_model(name: str, input_shape: tuple, num_classes: int) -> nn.Module:
 
 def model_names() -> list[str]:
     return MODELS.names() + ["timm:<name>"]
+
+
+def load_init(module: nn.Module, path: str) -> dict:
+    """Start from the weights in `path` (a state_dict saved with torch.save, or {"state_dict": ...}).
+
+    Tensors whose name and shape match are copied; the rest (e.g. a 1000-class ImageNet head
+    when training on 10 classes) keep their fresh initialisation. Returns counts of both.
+    """
+    import torch
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a file that is not a torch checkpoint
+        raise UserError(f"--init {path!r}: not a readable state_dict ({type(e).__name__})") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise UserError(f"--init {path!r}: expected a state_dict (name -> tensor)")
+    own = module.state_dict()
+    matched = {k: v for k, v in sd.items() if k in own and hasattr(v, "shape") and v.shape == own[k].shape}
+    if not matched:
+        raise UserError(f"--init {path!r}: no tensor matches the model's names and shapes")
+    own.update({k: v.to(own[k].dtype) for k, v in matched.items()})
+    module.load_state_dict(own)
+    return {"init_loaded": len(matched), "init_skipped": len(own) - len(matched)}

@@ -25,7 +25,7 @@ from bench.comm import SimulatedComm
 from bench.config import RunConfig
 from bench.data import Sampler, epoch_steps, load_dataset, make_shards
 from bench.errors import UserError
-from bench.models import build_model
+from bench.models import build_model, load_init
 from bench.schedule import lr_at
 from bench.workers import Workers, param_bytes
 
@@ -84,6 +84,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         module = build_model(cfg.model, data.input_shape, data.num_classes)
+        self.init_info = load_init(module, cfg.init) if cfg.init else {}
         self.workers = Workers(module, len(self.comm.workers), cfg.executor, device)
         self.epoch_len = epoch_steps(len(data.y_train), cfg.total_batch)
         self.algo = build_algorithm(cfg, self.workers.layout, self.workers.n, device, cfg.steps, self.epoch_len)
@@ -115,8 +116,11 @@ class Trainer:
             metrics.recalibrate_bn(module, d, self.train_subset, self.cfg.batch)
         test_acc, test_loss = metrics.evaluate(module, d, d.x_test, d.y_test)
         train_acc, train_loss = metrics.evaluate(module, d, d.x_train[self.train_subset], d.y_train[self.train_subset])
-        return {"test_acc": test_acc, "test_loss": test_loss, "train_acc": train_acc, "train_loss": train_loss,
-                "consensus_distance": metrics.consensus_distance(w.X, xbar, self.comm)}
+        out = {"test_acc": test_acc, "test_loss": test_loss, "train_acc": train_acc, "train_loss": train_loss}
+        if d.y_val is not None:
+            out["val_acc"], out["val_loss"] = metrics.evaluate(module, d, d.x_val, d.y_val)
+        out["consensus_distance"] = metrics.consensus_distance(w.X, xbar, self.comm)
+        return out
 
     def sharpness(self) -> dict:
         """Top Hessian eigenvalue of x_bar under the protocol of bench/hessian.py.
@@ -178,7 +182,8 @@ class Trainer:
             if progress:
                 progress(t + 1, cfg.steps, {"loss": mean_loss, **last})
         if status == "diverged":
-            last = {k: None for k in ("test_acc", "test_loss", "train_acc", "train_loss", "consensus_distance")}
+            last = {k: None for k in ("test_acc", "test_loss", "train_acc", "train_loss", "val_acc", "val_loss",
+                                      "consensus_distance")}
         # Every rank computes it (same x_bar, same result): a rank that skipped it would
         # wait in the next collective and could reach dist_timeout.
         if status == "completed" and cfg.hessian:
@@ -205,7 +210,7 @@ class Trainer:
             "batch": cfg.batch, "total_batch": cfg.total_batch, "lr": cfg.lr, "steps": cfg.steps,
             "epochs": cfg.steps / self.epoch_len,
             "status": status, "diverged_step": diverged_step,
-            **last,
+            **last, **self.init_info,
             "spectral_gap": props["spectral_gap"] if props else 1.0,
             "params": self.workers.layout.d,
             "grad_evals_per_step": self.algo.oracle.grad_evals,

@@ -226,11 +226,13 @@ def test_synthetic(synth):
 
 def test_split_validation(synth):
     v = synth.split_validation(0.25, seed=0)
-    assert len(v.y_test) == 128 and len(v.y_train) == 384
+    assert len(v.y_val) == 128 and len(v.y_train) == 384
+    assert torch.equal(v.x_test, synth.x_test) and torch.equal(v.y_test, synth.y_test)  # test split untouched
     rows = {tuple(r) for r in synth.x_train.reshape(512, -1).tolist()}
-    assert all(tuple(r) in rows for r in v.x_test.reshape(128, -1).tolist())
+    assert all(tuple(r) in rows for r in v.x_val.reshape(128, -1).tolist())
     tr = {tuple(r) for r in v.x_train.reshape(384, -1).tolist()}
-    assert not any(tuple(r) in tr for r in v.x_test.reshape(128, -1).tolist())
+    assert not any(tuple(r) in tr for r in v.x_val.reshape(128, -1).tolist())
+    assert synth.x_val is None and synth.to("cpu").x_val is None
     for bad in (0.0, 1.0, 0.0001):
         with pytest.raises(UserError, match="val-fraction"):
             synth.split_validation(bad)
@@ -397,4 +399,4 @@ def test_dataset_to_keeps_transform(tmp_path):
     d = load_dataset("cifar10", data_dir=str(tmp_path)).to("cpu")
     assert d.transform is not None and d.prepare(d.x_train[:1]).dtype == torch.float32
     v = d.split_validation(0.2)
-    assert v.transform is d.transform and len(v.y_test) == 6
+    assert v.transform is d.transform and len(v.y_val) == 6

@@ -1,4 +1,4 @@
-"""Model registry: mlp, cnn1d, cnn, resnet18 (CIFAR stem) and timm:<name>.
+"""Model registry: mlp, cnn1d, cnn, resnet18 (CIFAR stem), CIFAR WideResNets and timm:<name>.
 
 Every model is an ordinary nn.Module: that module is what gets evaluated (the
 averaged model x_bar), saved and measured (Hessian). The small models also have
@@ -175,10 +175,63 @@ class ResNet18(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
+class WideBlock(nn.Module):
+    """Pre-activation wide residual block: BN-ReLU-conv3x3-(dropout)-BN-ReLU-conv3x3, plus a shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int, dropout: float):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.dropout = dropout
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x):
+        a = F.relu(self.bn1(x))
+        h = self.conv1(a)
+        h = F.relu(self.bn2(h))
+        if self.dropout > 0:
+            h = F.dropout(h, self.dropout, self.training)
+        h = self.conv2(h)
+        # The projection shortcut sees the pre-activated input (Zagoruyko & Komodakis 2016).
+        return h + (x if self.shortcut is None else self.shortcut(a))
+
+
+class WideResNet(nn.Module):
+    """CIFAR WideResNet-depth-k (Zagoruyko & Komodakis 2016): 3 groups of (depth-4)/6 blocks, widths 16k-32k-64k."""
+
+    def __init__(self, input_shape: tuple, num_classes: int, depth: int = 28, k: int = 10, dropout: float = 0.0):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError("WideResNet depth must be 6m + 4")
+        m = (depth - 4) // 6
+        widths = (16, 16 * k, 32 * k, 64 * k)
+        self.conv1 = nn.Conv2d(input_shape[0], widths[0], 3, 1, 1, bias=False)
+        blocks, cin = [], widths[0]
+        for cout, stride in zip(widths[1:], (1, 2, 2)):
+            for j in range(m):
+                blocks.append(WideBlock(cin, cout, stride if j == 0 else 1, dropout))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(cin)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        h = self.blocks(self.conv1(x))
+        h = F.relu(self.bn(h))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
 MODELS.register("mlp", "MLP, 2 hidden layers of 128 (any input)")(MLP)
 MODELS.register("cnn1d", "1-D CNN, 3 conv layers of 32 channels (default for mnist1d)")(CNN1d)
 MODELS.register("cnn", "2-D CNN with BatchNorm, 32-64-64 channels (images)")(CNN)
 MODELS.register("resnet18", "ResNet-18, CIFAR stem (images)")(ResNet18)
+MODELS.register("wrn28_10", "WideResNet-28-10, CIFAR (images; 36.5M parameters)")(WideResNet)
+MODELS.register("wrn16_4", "WideResNet-16-4, CIFAR (images; 2.7M parameters)")(
+    lambda input_shape, num_classes: WideResNet(input_shape, num_classes, depth=16, k=4))
 
 
 def build_model(name: str, input_shape: tuple, num_classes: int) -> nn.Module:
@@ -192,7 +245,7 @@ def build_model(name: str, input_shape: tuple, num_classes: int) -> nn.Module:
                             f"lists them")
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=input_shape[0])
     factory = MODELS.get(name)
-    needs_image = name in ("cnn", "resnet18")
+    needs_image = name in ("cnn", "resnet18", "wrn28_10", "wrn16_4")
     if needs_image and len(input_shape) != 3:
         raise UserError(f"model {name!r} needs images (C x H x W); this data set has inputs of shape "
                         f"{'x'.join(map(str, input_shape))}; use mlp or cnn1d")

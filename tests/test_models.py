@@ -269,3 +269,41 @@ def test_build_model_errors():
         build_model("cnn1d", (1, 8, 8), 4)
     with pytest.raises(UserError, match="timm"):
         build_model("timm:not_a_model_xyz", (3, 32, 32), 4)
+
+
+def test_wide_resnet_sizes_and_shapes():
+    """Parameter counts of the CIFAR WideResNets (Zagoruyko & Komodakis report 36.5M for WRN-28-10)."""
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    assert round(count(build_model("wrn28_10", (3, 32, 32), 10)) / 1e6, 1) == 36.5
+    torch.manual_seed(0)
+    m = build_model("wrn16_4", (3, 32, 32), 10)
+    assert round(count(m) / 1e6, 1) == 2.7
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(UserError, match="images"):
+        build_model("wrn16_4", (1, 40), 10)
+
+
+def test_load_init_copies_matching_tensors(tmp_path):
+    from bench.models import load_init
+
+    torch.manual_seed(0)
+    src = build_model("cnn", (3, 8, 8), 10)
+    sd = src.state_dict()
+    sd["fc.weight"] = torch.zeros(1000, 64)  # a head of another size is skipped, as an ImageNet head would be
+    sd["fc.bias"] = torch.zeros(1000)
+    torch.save(sd, tmp_path / "w.pt")
+    torch.manual_seed(1)
+    dst = build_model("cnn", (3, 8, 8), 10)
+    head = dst.fc.weight.detach().clone()
+    info = load_init(dst, str(tmp_path / "w.pt"))
+    assert info == {"init_loaded": len(sd) - 2, "init_skipped": 2}
+    assert torch.equal(dst.conv1.weight, src.conv1.weight) and torch.equal(dst.bn1.running_mean, src.bn1.running_mean)
+    assert torch.equal(dst.fc.weight, head)
+    (tmp_path / "bad.pt").write_text("not a checkpoint")
+    with pytest.raises(UserError, match="--init"):
+        load_init(dst, str(tmp_path / "bad.pt"))
+    torch.save({"other": torch.zeros(3)}, tmp_path / "none.pt")
+    with pytest.raises(UserError, match="no tensor matches"):
+        load_init(dst, str(tmp_path / "none.pt"))

@@ -1,0 +1,609 @@
+"""Suites: a grid of run configurations in one TOML file, run and resumed as one job.
+
+    dsgdbench suite quick                       # a shipped suite (dsgdbench list suites)
+    dsgdbench suite my_suite.toml --dry-run     # or a file: list the runs, train nothing
+
+The format (every key and table is optional: an empty file is one default run per seed):
+
+    name = "quick"                  # default: the file's stem
+    description = "one line"        # shown by `dsgdbench list suites`
+    seeds = [0, 1, 2]               # or "0-4"; default [0]; --seeds overrides
+    results = "results/quick"       # default results/<name>; --results overrides
+
+    [base]                          # RunConfig fields shared by every run
+    dataset = "mnist1d"
+    workers = 16
+
+    [per_algo.lamb]                 # RunConfig fields for the runs of one algorithm only
+    lr = 0.01
+
+    [grid]                          # cartesian product: every key is a field, every value a list
+    algo = ["csgd", "dsgd"]
+    topology = ["ring", "torus"]
+
+    [[variants]]                    # optional list of tables, crossed with the grid: values that
+    batch = 64                      # go together (batch and its learning rate)
+    lr = 0.1
+    [[variants]]
+    batch = 512
+    lr = 0.8
+
+Keys are RunConfig fields (the long names of `dsgdbench run`'s options, `-` or `_`).
+A field whose value is itself a list (milestones, betas) takes a list of lists in [grid].
+
+Expansion. For every seed, every grid point and every variant, the configuration is
+
+    RunConfig defaults < [base] < [per_algo.<algo>] < grid point < variant < --set KEY=VALUE
+
+where <algo> is the algorithm the run ends up with. Runs are made seed by seed (every
+configuration of seed 0 first), then in grid order (first key outermost), then variant by
+variant. An empty [grid] table or list, a grid value that is not a list, and a key that
+is not a RunConfig field are errors. A key may not be both in [grid] and in
+[[variants]], nor in a per_algo table and in [grid]/[[variants]] (the later one would hide it
+for every run). `seed` and `results` are top-level settings, never fields of a table.
+
+Every configuration is built and validated before anything runs: an unknown key, name or
+value, a topology that does not fit the number of workers, a batch larger than a worker's
+shard, a missing data set or device stops the suite with one line before the first step. Configurations that resolve to
+the same run (csgd crossed with several topologies: all-reduce has no topology) are one run,
+found by run id. `--filter KEY=V1[,V2...]` keeps the runs whose field, as the suite writes
+it or as resolved, is one of the values (repeat it for several keys). A run whose folder
+already holds a finished summary counts as done and is skipped (`--force` reruns it), so a
+suite that was interrupted continues where it stopped.
+
+On the command line: --seeds replaces the suite's seeds, --results its folder, --set KEY=VALUE
+(repeatable) sets a field of every run after everything else (e.g. --set device=cpu),
+--data-dir is --set data_dir=DIR, --dry-run prints the plan (done/todo) and trains nothing.
+
+Relative paths (results, data_dir, init) are relative to the current folder. The shipped
+suites are the TOML files in bench/suites/ (package data, read with importlib.resources).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from bench import results as results_io
+from bench.config import RunConfig, parse_seeds
+from bench.errors import UserError
+from bench.registry import unknown_name
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+TOP_LEVEL = ("name", "description", "seeds", "results", "base", "per_algo", "grid", "variants")
+# Fields that are suite-wide settings rather than per-run values.
+NOT_IN_TABLES = {"seed": "seeds = [...]", "seeds": "seeds = [...]", "results": "results = \"DIR\""}
+FIELD_TYPES = {f.name: f.type for f in fields(RunConfig)}
+# Training-set size and default model of image data sets, for planning without the files
+# (a dry run of a CIFAR suite on a machine without CIFAR). Checked against the loaded data
+# whenever it is there.
+KNOWN_SIZES = {"cifar10": (50000, "resnet18"), "cifar100": (50000, "resnet18")}
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    seeds: tuple[int, ...]
+    results: str
+    base: dict
+    per_algo: dict
+    grid: dict
+    variants: tuple
+    source: str  # the file it came from
+
+
+@dataclass
+class PlannedRun:
+    cfg: RunConfig  # as the suite writes it (what runner.run takes)
+    resolved: RunConfig
+    run_id: str
+    finished: bool  # a finished summary is already on disk
+
+
+@dataclass
+class Plan:
+    suite: Suite
+    results: str
+    runs: list[PlannedRun]
+    force: bool = False
+    expanded: int = 0  # configurations before --filter and de-duplication
+    filtered_out: int = 0
+    merged: int = 0  # configurations that were the same run as an earlier one
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> list[PlannedRun]:
+        return [] if self.force else [r for r in self.runs if r.finished]
+
+    @property
+    def todo(self) -> list[PlannedRun]:
+        return self.runs if self.force else [r for r in self.runs if not r.finished]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a suite
+
+
+def _shipped_dir():
+    return resources.files("bench").joinpath("suites")
+
+
+def shipped_names() -> list[str]:
+    return sorted(p.name[:-5] for p in _shipped_dir().iterdir() if p.name.endswith(".toml"))
+
+
+def load_suite(ref: str) -> Suite:
+    """A shipped suite by name, or a TOML file by path."""
+    path = Path(ref)
+    is_path = ref.endswith(".toml") or "/" in ref or "\\" in ref
+    if is_path or (ref not in shipped_names() and path.is_file()):
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise UserError(f"suite file {ref!r}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"suite file {ref!r}: cannot be read ({e})") from None
+        return parse_suite(text, path.stem, ref)
+    if ref not in shipped_names():
+        raise UserError(unknown_name("suite", ref, shipped_names()) + " (or give a FILE.toml)")
+    return parse_suite(_shipped_dir().joinpath(f"{ref}.toml").read_text(), ref, f"{ref} (shipped)")
+
+
+def parse_suite(text: str, default_name: str, source: str) -> Suite:
+    """Check the structure of a suite file; the values are checked when the runs are built."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"suite {source}: invalid TOML ({e})") from None
+    for k in data:
+        if k not in TOP_LEVEL:
+            hint = " (a field for every run goes in [base])" if _field(k) else ""
+            raise UserError(f"suite {source}: " + unknown_name("top-level key", k, TOP_LEVEL) + hint)
+    name = _string(data, "name", default_name, source)
+    where = f"suite {name}"
+    description = _string(data, "description", "", source)
+    results = _string(data, "results", f"results/{name}", source)
+    seeds = _suite_seeds(data.get("seeds", [0]), where)
+
+    base = _table(data.get("base", {}), f"{where}: [base]")
+    per_algo_raw = data.get("per_algo", {})
+    if not isinstance(per_algo_raw, dict):
+        raise UserError(f"{where}: per_algo must be tables, e.g. [per_algo.lamb] with lr = 0.01")
+    import algorithms
+
+    per_algo = {}
+    for algo, table in per_algo_raw.items():
+        algorithms.PRESETS.get(algo)  # an unknown algorithm: one line with the valid names
+        per_algo[algo] = _table(table, f"{where}: [per_algo.{algo}]")
+        if "algo" in per_algo[algo]:
+            raise UserError(f"{where}: [per_algo.{algo}] cannot set algo")
+
+    grid = _grid(data.get("grid"), where)
+    variants = _variants(data.get("variants"), where)
+    variant_keys = {k for v in variants for k in v}
+    both = sorted(set(grid) & variant_keys)
+    if both:
+        raise UserError(f"{where}: {both[0]!r} is both in [grid] and in [[variants]]; put it in one of them")
+    for algo, table in per_algo.items():
+        for k in table:
+            if k in grid or k in variant_keys:
+                other = "[grid]" if k in grid else "[[variants]]"
+                raise UserError(f"{where}: [per_algo.{algo}] sets {k!r}, which {other} also sets for every run; "
+                                f"remove one of them")
+    return Suite(name, description, seeds, results, base, per_algo, grid, variants, source)
+
+
+def _field(key: str) -> Optional[str]:
+    k = key.replace("-", "_")
+    return k if k in FIELD_TYPES else None
+
+
+def _string(data: dict, key: str, default: str, source: str) -> str:
+    v = data.get(key, default)
+    if not isinstance(v, str) or (key != "description" and not v.strip()):
+        raise UserError(f"suite {source}: {key} must be a non-empty string (got {v!r})")
+    return v
+
+
+def _suite_seeds(v: Any, where: str) -> tuple[int, ...]:
+    if isinstance(v, str):
+        return tuple(parse_seeds(v))
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = [v]
+    if (not isinstance(v, list) or not v
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in v)):
+        raise UserError(f"{where}: seeds must be a non-empty list of integers in [0, 2^32), e.g. [0, 1, 2] "
+                        f"(got {v!r})")
+    return tuple(dict.fromkeys(v))
+
+
+def _table(table: Any, where: str) -> dict:
+    """A table of RunConfig fields: keys normalised and each value type-checked on its own."""
+    if not isinstance(table, dict):
+        raise UserError(f"{where} must be a table of options (got {table!r})")
+    out = {}
+    for k, v in table.items():
+        key = _check_key(k, where)
+        _check_value(key, v, where)
+        out[key] = v
+    return out
+
+
+def _check_key(k: str, where: str) -> str:
+    key = k.replace("-", "_")
+    if key in NOT_IN_TABLES:
+        raise UserError(f"{where}: {k!r} is a top-level setting of the suite ({NOT_IN_TABLES[key]})")
+    if key not in FIELD_TYPES:
+        raise UserError(f"{where}: " + unknown_name("option", k, sorted(FIELD_TYPES)))
+    return key
+
+
+def _check_value(key: str, v: Any, where: str) -> None:
+    try:
+        RunConfig.from_dict({key: v})
+    except UserError as e:
+        hint = " (in [grid], a list-valued field takes a list of lists)" if (
+            "grid" in where and FIELD_TYPES[key].startswith("tuple")) else ""
+        raise UserError(f"{where}: {e}{hint}") from None
+
+
+def _grid(grid: Any, where: str) -> dict:
+    if grid is None:
+        return {}
+    if not isinstance(grid, dict):
+        raise UserError(f"{where}: [grid] must be a table of lists, e.g. algo = [\"csgd\", \"dsgd\"]")
+    if not grid:
+        raise UserError(f"{where}: [grid] is empty; give KEY = [values...] or remove the table")
+    out = {}
+    for k, values in grid.items():
+        key = _check_key(k, f"{where}: [grid]")
+        if not isinstance(values, list):
+            raise UserError(f"{where}: [grid] {k} must be a list of values, e.g. {k} = [{_toml(values)}]")
+        if not values:
+            raise UserError(f"{where}: [grid] {k} is an empty list; give at least one value")
+        for v in values:
+            _check_value(key, v, f"{where}: [grid] {k}")
+        out[key] = list(dict.fromkeys(_hashable(v) for v in values))
+    return out
+
+
+def _variants(variants: Any, where: str) -> tuple:
+    if variants is None:
+        return ({},)
+    if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+        raise UserError(f"{where}: variants must be a list of tables ([[variants]] blocks)")
+    if not variants:
+        raise UserError(f"{where}: variants is an empty list; give at least one [[variants]] table")
+    return tuple(_table(v, f"{where}: [[variants]] #{i + 1}") for i, v in enumerate(variants))
+
+
+def _hashable(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _toml(v) -> str:
+    return f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line values: --filter KEY=V1,V2 and --set KEY=VALUE
+
+
+def _parse_text(key: str, text: str, flag: str):
+    """A command-line string as a value of the field `key`."""
+    typ = FIELD_TYPES[key]
+    optional = typ.startswith("Optional[")
+    base = typ[9:-1] if optional else typ
+    t = text.strip()
+    if optional and t.lower() in ("none", "null"):
+        return None
+    try:
+        if base == "bool":
+            if t.lower() in ("true", "1", "yes", "on"):
+                return True
+            if t.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if base == "int":
+            return int(t)
+        if base == "float":
+            return float(t)
+        if base.startswith("tuple"):
+            return tuple(float(x) for x in t.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"{flag} {key}={text!r}: expected {base}") from None
+    return t
+
+
+def _assignment(item: str, flag: str) -> tuple[str, str]:
+    key, eq, value = item.partition("=")
+    if not eq or not key.strip():
+        raise UserError(f"{flag} {item!r}: use KEY=VALUE, e.g. {flag} algo=dsgd")
+    k = key.strip().replace("-", "_")
+    if k not in FIELD_TYPES:
+        raise UserError(f"{flag} {item!r}: " + unknown_name("option", key.strip(), sorted(FIELD_TYPES)))
+    return k, value
+
+
+def parse_filters(items: Iterable[str]) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for item in items:
+        key, text = _assignment(item, "--filter")
+        if FIELD_TYPES[key].startswith("tuple"):
+            raise UserError(f"--filter {item!r}: list-valued fields ({key}) cannot be filtered on")
+        values = [_parse_text(key, t, "--filter") for t in text.split(",") if t.strip()]
+        if not values:
+            raise UserError(f"--filter {item!r}: give at least one value, e.g. --filter {key}=VALUE")
+        out.setdefault(key, []).extend(values)
+    return out
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, text = _assignment(item, "--set")
+        if key in NOT_IN_TABLES:
+            raise UserError(f"--set {item!r}: use --{'seeds' if key.startswith('seed') else key} instead")
+        out[key] = _parse_text(key, text, "--set")
+    return out
+
+
+def _matches(cfg: RunConfig, resolved: RunConfig, filters: dict[str, list]) -> bool:
+    return all(getattr(cfg, k) in vs or getattr(resolved, k) in vs for k, vs in filters.items())
+
+
+# ----------------------------------------------------------------------------------------------
+# Expansion and planning
+
+
+def expand(suite: Suite, seeds: Optional[Iterable[int]] = None, overrides: Optional[dict] = None,
+           results: Optional[str] = None) -> list[RunConfig]:
+    """Every configuration of the suite, validated, in running order (seed, then grid, then variant)."""
+    overrides = overrides or {}
+    keys = list(suite.grid)
+    out = []
+    for seed in (list(seeds) if seeds is not None else suite.seeds):
+        for point in itertools.product(*(suite.grid[k] for k in keys)):
+            point = dict(zip(keys, point))
+            for variant in suite.variants:
+                written = {**suite.base, **point, **variant, **overrides}
+                algo = written.get("algo", RunConfig.algo)
+                d = {**suite.base, **suite.per_algo.get(algo, {}), **point, **variant, **overrides,
+                     "seed": seed, "results": results or suite.results}
+                where = ", ".join(f"{k}={v}" for k, v in {**point, **variant}.items())
+                try:
+                    out.append(RunConfig.from_dict(d).validate())
+                except UserError as e:
+                    raise UserError(f"suite {suite.name}" + (f" ({where})" if where else "") + f": {e}") from None
+    return out
+
+
+def plan(suite: Suite, results: Optional[str] = None, seeds: Optional[str] = None,
+         filters: Iterable[str] = (), overrides: Iterable[str] = (), data_dir: Optional[str] = None,
+         force: bool = False, check_run: bool = True) -> Plan:
+    """Build, validate, resolve, filter and de-duplicate the runs of a suite; nothing is trained.
+
+    check_run: the suite is about to run, so the data sets must be readable and the device
+    present (a dry run only notes what is missing).
+    """
+    over = parse_overrides(overrides)
+    if data_dir is not None:
+        over["data_dir"] = data_dir
+    keep = parse_filters(filters)
+    root = results or suite.results
+    cfgs = expand(suite, parse_seeds(seeds) if seeds is not None else None, over, root)
+    p = Plan(suite, root, [], force, expanded=len(cfgs))
+    sizes: dict[tuple, tuple[int, str]] = {}
+    graphs: set[tuple[str, int]] = set()
+    seen: set[str] = set()
+    for cfg in cfgs:
+        _check_backend(suite, cfg, check_run, p.notes)
+        key = (cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
+        if key not in sizes:
+            sizes[key] = _data_size(suite, cfg, check_run, p.notes)
+        n_train, default_model = sizes[key]
+        resolved = cfg.resolve(n_train, default_model)
+        if not _matches(cfg, resolved, keep):
+            p.filtered_out += 1
+            continue
+        run_id = resolved.run_id()
+        if run_id in seen:
+            p.merged += 1
+            continue
+        seen.add(run_id)
+        _check_run(suite, resolved, n_train, graphs)
+        p.runs.append(PlannedRun(cfg, resolved, run_id, results_io.is_finished(Path(root) / run_id)))
+    if not p.runs:
+        what = " ".join(f"--filter {k}={','.join(map(str, v))}" for k, v in keep.items())
+        raise UserError(f"suite {suite.name}: {what} matches none of its {p.expanded} configurations")
+    return p
+
+
+def _check_run(suite: Suite, c: RunConfig, n_train: int, graphs: set) -> None:
+    """What the runner would only find when it reaches the run: the topology for n workers, the shard size."""
+    import topologies
+    from algorithms import RULES
+
+    if RULES.get(c.comm).decentralized and (c.topology, c.workers) not in graphs:
+        try:
+            topologies.get_topology(c.topology, c.workers)
+        except UserError as e:
+            raise UserError(f"suite {suite.name}: {e}") from None
+        graphs.add((c.topology, c.workers))
+    if c.partition == "iid" and c.batch > n_train // c.workers:
+        raise UserError(f"suite {suite.name} ({c.algo}, batch {c.batch}): --batch {c.batch} is larger than a "
+                        f"worker's shard ({n_train // c.workers} samples with {c.workers} workers)")
+
+
+def _check_backend(suite: Suite, cfg: RunConfig, check_run: bool, notes: list[str]) -> None:
+    if cfg.backend != "simulated" or cfg.procs != 1:
+        raise UserError(f"suite {suite.name}: suites run with the simulated backend (backend = \"simulated\", "
+                        f"procs = 1); start distributed runs with `dsgdbench run --procs P` or torchrun")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            msg = "device cuda is not available here"
+            if check_run:
+                raise UserError(f"suite {suite.name}: {msg}; run it on a machine with CUDA or pass --set device=cpu")
+            if msg not in notes:
+                notes.append(msg)
+
+
+def _data_size(suite: Suite, cfg: RunConfig, check_run: bool, notes: list[str]) -> tuple[int, str]:
+    """(training-set size after the validation split, default model) of the configuration's data set.
+
+    The data set is loaded (and cached for the process where the loader caches). An image
+    data set that is not on disk is sized from KNOWN_SIZES when the suite only plans (a dry
+    run) or may download it; a run that would need it fails here, before anything trains.
+    """
+    from bench.data import load_dataset
+
+    try:
+        data = load_dataset(cfg.dataset, cfg.data_dir, download=False)
+        n, default_model = len(data.y_train), data.default_model
+    except UserError as e:
+        if cfg.dataset not in KNOWN_SIZES or (check_run and not cfg.download):
+            raise UserError(f"suite {suite.name}: {e}") from None
+        n, default_model = KNOWN_SIZES[cfg.dataset]
+        note = (f"{cfg.dataset} is not on disk here (planned with its {n} training samples); "
+                f"running needs --data-dir DIR")
+        if note not in notes:
+            notes.append(note)
+    if cfg.val_fraction > 0:
+        k = int(round(cfg.val_fraction * n))  # as Dataset.split_validation
+        if not 0 < k < n:
+            raise UserError(f"suite {suite.name}: --val-fraction {cfg.val_fraction} leaves no training or no "
+                            f"validation samples (N={n})")
+        n -= k
+    return n, default_model
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering a plan
+
+
+def plan_table(p: Plan):
+    from rich.table import Table
+
+    t = Table(title=f"suite {p.suite.name}: {len(p.runs)} runs in {p.results}")
+    for c in ("run id", "algo", "topology", "workers", "batch", "lr", "steps", "seed", "status"):
+        t.add_column(c, justify="right" if c in ("workers", "batch", "lr", "steps", "seed") else "left")
+    for r in p.runs:
+        c = r.resolved
+        status = ("[green]done[/green]" if not p.force else "[yellow]rerun[/yellow]") if r.finished else "todo"
+        t.add_row(r.run_id, c.algo, c.topology, str(c.workers), str(c.batch), f"{c.lr:g}", str(c.steps),
+                  str(c.seed), status)
+    return t
+
+
+def plan_counts(p: Plan) -> str:
+    n_done = len(p.done)
+    lines = [f"{len(p.runs)} runs: {n_done} done, {len(p.todo)} to run"
+             + (" (--force reruns finished runs)" if p.force else "")]
+    extra = []
+    if p.merged:
+        extra.append(f"{p.merged} configurations were the same run as another one (e.g. csgd has no topology)")
+    if p.filtered_out:
+        extra.append(f"{p.filtered_out} left out by --filter")
+    if extra:
+        lines.append(f"{p.expanded} configurations expanded; " + "; ".join(extra))
+    lines += [f"note: {n}" for n in p.notes]
+    return "\n".join(lines)
+
+
+def next_command(p: Plan) -> str:
+    algos = list(dict.fromkeys(r.cfg.algo for r in p.runs))
+    baseline = "csgd" if "csgd" in algos else algos[0]
+    return f"dsgdbench compare {p.results} --baseline {baseline}"
+
+
+def _run_line(s: dict) -> str:
+    head = f"{s['algo']} {s['topology']} n{s['workers']} b{s['batch']} lr {s['lr']:g} seed {s['seed']}"
+    if s["status"] == "diverged":
+        return f"{head}: [red]diverged[/red] at step {s['diverged_step']}  -> {s['run_dir']}"
+    eig = f"  top-1 eig {s['top_eig']:.2f}" if s.get("top_eig") is not None else ""
+    return (f"{head}: test acc {s['test_acc']:.2f}%  loss {s['test_loss']:.3f}{eig}  "
+            f"train {s['train_seconds']:.1f}s")
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a plan
+
+
+def execute(p: Plan, out, err) -> dict:
+    """Run the runs still to do, one after the other; print one line per run and a summary.
+
+    out, err: rich consoles (the per-run lines go to out, the progress bars to err; the bars
+    are off when err is not a terminal). Returns the counts: ran, skipped, diverged, seconds.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from bench.runner import run as run_one
+
+    results_io.prepare_results_dir(p.results)
+    todo = p.todo
+    counts = {"ran": 0, "skipped": len(p.runs) - len(todo), "diverged": 0, "seconds": 0.0}
+    out.print(f"suite {p.suite.name}: {len(p.runs)} runs in {p.results} ({counts['skipped']} already done, "
+              f"{len(todo)} to run)", highlight=False, soft_wrap=True)
+    t0 = time.perf_counter()
+    position = counts["skipped"]
+    try:
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err, transient=True,
+                      disable=not err.is_terminal) as bar:
+            runs_task = bar.add_task("runs", total=len(p.runs), completed=position, info="")
+            steps_task = bar.add_task("", total=None, info="")
+            for r in todo:
+                c = r.resolved
+                bar.update(steps_task, description=f"{c.algo} {c.topology} seed {c.seed}", completed=0,
+                           total=c.steps, info="")
+
+                def progress(step, total, info, _task=steps_task):
+                    if step == 1 or step % 10 == 0 or step == total:
+                        acc = f"  test {info['test_acc']:.1f}%" if info.get("test_acc") is not None else ""
+                        bar.update(_task, completed=step, total=total, info=f"loss {info['loss']:.3f}{acc}")
+
+                s = run_one(r.cfg, progress=progress, force=p.force)
+                position += 1
+                if s.get("skipped"):  # finished in the meantime (another process)
+                    counts["skipped"] += 1
+                    out.print(f"[{position}/{len(p.runs)}] [dim]skipped (already {s['status']}): {r.run_id}[/dim]",
+                              soft_wrap=True)
+                else:
+                    counts["ran"] += 1
+                    counts["diverged"] += s["status"] == "diverged"
+                    out.print(f"[{position}/{len(p.runs)}] {_run_line(s)}", highlight=False, soft_wrap=True)
+                bar.advance(runs_task)
+    except KeyboardInterrupt:
+        err.print(f"interrupted: {position} of {len(p.runs)} runs finished and kept; "
+                  f"run the same command again to continue")
+        raise
+    counts["seconds"] = time.perf_counter() - t0
+    div = f" ({counts['diverged']} diverged)" if counts["diverged"] else ""
+    out.print(f"suite {p.suite.name}: ran {counts['ran']}{div}, skipped {counts['skipped']} (already done), "
+              f"{counts['seconds']:.0f} s", highlight=False, soft_wrap=True)
+    out.print(f"next: {next_command(p)}", highlight=False, markup=False, soft_wrap=True)
+    return counts
+
+
+def listing() -> list[tuple[str, str]]:
+    """(name, "description  (N runs)") of every shipped suite, for `dsgdbench list suites`."""
+    rows = []
+    for name in shipped_names():
+        try:
+            s = load_suite(name)
+            p = plan(s, check_run=False)
+            rows.append((name, f"{s.description}  ({len(p.runs)} runs)"))
+        except UserError as e:
+            rows.append((name, f"invalid: {e}"))
+    return rows

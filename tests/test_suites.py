@@ -1,0 +1,432 @@
+"""Suites: the shipped TOML files, expansion and de-duplication, bad input, and tiny suites run
+end to end through the CLI (run, rerun skips, an interrupted suite continues, --force).
+
+Every training run here is tiny (synthetic data set, 2-4 workers, batch 8, 3-5 steps, no Hessian).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bench import suites
+from bench.config import RunConfig
+from bench.errors import UserError
+from bench.models import MODELS
+from dsgdbench import app
+
+SEVEN = ["csgd", "dsgd", "dsgd-ac", "sam", "ad-sam", "lamb", "d-lamb"]
+DECENTRALIZED = {"dsgd", "dsgd-ac", "d-lamb"}
+
+TINY_SUITE = """
+description = "tiny test suite"
+seeds = [0, 1]
+
+[base]
+dataset = "synthetic"
+model = "mlp"
+workers = 4
+batch = 8
+steps = 5
+lr = 0.05
+schedule = "constant"
+eval_every = 1000
+hessian = false
+
+[grid]
+algo = ["csgd", "dsgd"]
+topology = ["ring", "exponential"]
+"""  # 6 runs: csgd has no topology (one run per seed), dsgd on 2 topologies x 2 seeds
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def cli(*args):
+    return CliRunner(env={"COLUMNS": "250"}).invoke(app, [str(a) for a in args])
+
+
+def stderr_of(res) -> str:
+    try:
+        return res.stderr
+    except ValueError:
+        return res.output
+
+
+def assert_ok(res):
+    assert res.exit_code == 0, f"exit {res.exit_code}\n{res.output}\n{res.exc_info}"
+    assert "Traceback" not in res.output
+
+
+def assert_user_error(res, *needles) -> str:
+    assert res.exception is None or isinstance(res.exception, SystemExit), f"{res.exception!r}\n{res.output}"
+    assert res.exit_code == 2, f"exit {res.exit_code}\n{res.output}"
+    assert "Traceback" not in res.output
+    lines = stderr_of(res).strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr:\n{stderr_of(res)}"
+    assert lines[0].startswith("error:"), lines[0]
+    for n in needles:
+        assert n.lower() in lines[0].lower(), f"{n!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in Path(root).rglob("summary.json"))
+
+
+def snapshot(root: Path) -> dict:
+    return {str(f.relative_to(root)): (f.stat().st_mtime_ns, f.read_bytes())
+            for f in sorted(Path(root).rglob("*")) if f.is_file()}
+
+
+def planned(ref, **kw) -> suites.Plan:
+    return suites.plan(suites.load_suite(str(ref)), check_run=False, **kw)
+
+
+@pytest.fixture
+def wrn(monkeypatch):
+    """dsgdac-table names the CIFAR WideResNet-28-10; stand in for it if it is not registered."""
+    if "wrn28_10" not in MODELS:
+        monkeypatch.setitem(MODELS._items, "wrn28_10", MODELS.get("resnet18"))
+        monkeypatch.setitem(MODELS._help, "wrn28_10", "stand-in")
+
+
+# ----------------------------------------------------------------------------------------------
+# the shipped suites
+
+
+def test_shipped_suites_are_package_data():
+    assert set(suites.shipped_names()) >= {"quick", "large-batch", "zhu2023-fig1", "dsgdac-table"}
+
+
+@pytest.mark.parametrize("name,count", [("quick", 21), ("large-batch", 96), ("zhu2023-fig1", 8),
+                                        ("dsgdac-table", 21)])
+def test_shipped_suite_expands(name, count, wrn, tmp_path):
+    p = planned(name, data_dir=str(tmp_path))  # an empty data folder: CIFAR suites plan without CIFAR
+    assert len(p.runs) == count
+    assert len({r.run_id for r in p.runs}) == count
+    assert p.results == f"results/{name}"
+    assert p.suite.description
+    for r in p.runs:
+        assert r.cfg.results == p.results
+        assert r.resolved.run_id() == r.run_id
+
+
+def test_quick_suite_contents():
+    p = planned("quick")
+    assert sorted({r.cfg.algo for r in p.runs}) == sorted(SEVEN)
+    assert sorted({r.cfg.seed for r in p.runs}) == [0, 1, 2]
+    for r in p.runs:
+        c = r.resolved
+        assert (c.dataset, c.workers, c.hessian, c.val_fraction, c.batch) == ("mnist1d", 16, True, 0.1, 32)
+        assert c.topology == ("ring" if c.algo in DECENTRALIZED else "allreduce")
+        assert c.lr == (0.01 if c.algo in ("lamb", "d-lamb") else 0.2)
+        assert c.ac_start == ("0.1" if c.algo == "dsgd-ac" else RunConfig.ac_start)
+        assert c.steps == 40 * (3600 // 512)  # 40 epochs of the 3600 training samples left by val_fraction 0.1
+
+
+def test_large_batch_suite_contents():
+    p = planned("large-batch")
+    by = {}
+    for r in p.runs:
+        by.setdefault((r.cfg.algo, r.resolved.topology), []).append(r)
+    assert sorted(by) == [("csgd", "allreduce"), ("dsgd", "exponential"), ("dsgd", "ring"), ("dsgd", "torus")]
+    assert all(len(v) == 2 * 4 * 3 for v in by.values())  # 2 batches x 4 lrs x 3 seeds
+    assert p.merged == 2 * 2 * 4 * 3  # csgd on torus and exponential: the ring's runs
+    for r in p.runs:
+        c = r.resolved
+        assert c.steps == 400 and c.hessian and c.val_fraction == 0.1 and c.warmup > 0
+        assert c.lr == pytest.approx(r.cfg.lr * c.total_batch / 128)  # linear scaling, ref_batch 128
+    assert {r.cfg.batch for r in p.runs} == {8, 128}
+    assert {r.cfg.lr for r in p.runs} == {0.05, 0.1, 0.2, 0.4}
+
+
+def test_cifar_suites_contents(wrn, tmp_path):
+    p = planned("zhu2023-fig1", data_dir=str(tmp_path))
+    assert {(r.cfg.batch, r.cfg.lr) for r in p.runs} == {(64, 0.1), (512, 0.8)}
+    assert {r.resolved.topology for r in p.runs} == {"allreduce", "ring", "grid", "exponential"}
+    for r in p.runs:
+        c = r.resolved
+        assert (c.dataset, c.model, c.steps, c.warmup, c.schedule, c.milestones) == (
+            "cifar10", "resnet18", 6000, 60, "multistep", (0.4, 0.8))
+        assert (c.momentum, c.weight_decay, c.augment, c.device) == (0.9, 5e-4, True, "cuda")
+    p = planned("dsgdac-table", data_dir=str(tmp_path))
+    assert sorted({r.cfg.algo for r in p.runs}) == sorted(SEVEN)
+    for r in p.runs:
+        c = r.resolved
+        assert (c.model, c.batch, c.wd_1d, c.schedule, c.p, c.ac_start, c.rho) == (
+            "wrn28_10", 128, False, "cosine", 3.0, "10ep", 0.05)
+        assert c.warmup == 10 * (50000 // (16 * 128))
+        assert c.steps == 200 * (50000 // (16 * 128))
+        assert c.topology == ("ring" if c.algo in DECENTRALIZED else "allreduce")
+
+
+def test_dry_run_lists_runs_and_trains_nothing(tmp_path):
+    root = tmp_path / "res"
+    res = cli("suite", "quick", "--dry-run", "--results", root)
+    assert_ok(res)
+    p = planned("quick")
+    for r in p.runs:
+        assert r.run_id in res.stdout
+    assert "21 runs: 0 done, 21 to run" in res.stdout
+    assert not root.exists()
+
+
+def test_dry_run_of_cifar_suites_without_cifar(tmp_path, wrn):
+    for name, count in (("zhu2023-fig1", 8), ("dsgdac-table", 21)):
+        res = cli("suite", name, "--dry-run", "--data-dir", tmp_path, "--results", tmp_path / "res")
+        assert_ok(res)
+        assert f"{count} runs: 0 done, {count} to run" in res.stdout
+        assert "cifar10 is not on disk here" in res.stdout
+    assert not (tmp_path / "res").exists()
+
+
+def test_cifar_suite_without_cifar_fails_before_running(tmp_path):
+    res = cli("suite", "zhu2023-fig1", "--set", "device=cpu", "--data-dir", tmp_path, "--results", tmp_path / "res")
+    assert_user_error(res, "zhu2023-fig1", "cifar10", "--data-dir")
+    assert not (tmp_path / "res").exists()
+
+
+def test_list_suites():
+    res = cli("list", "suites")
+    assert_ok(res)
+    text = " ".join(res.stdout.split())
+    for name, count in (("quick", 21), ("large-batch", 96), ("zhu2023-fig1", 8)):
+        assert name in text
+        assert f"({count} runs)" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# --filter, --seeds, --set
+
+
+def test_filter_and_seeds():
+    p = planned("quick", seeds="5-6", filters=["algo=csgd,dsgd"])
+    assert sorted((r.cfg.algo, r.cfg.seed) for r in p.runs) == [("csgd", 5), ("csgd", 6), ("dsgd", 5), ("dsgd", 6)]
+    assert p.filtered_out == 2 * 5
+    # two filters: both must hold
+    p = planned("quick", filters=["algo=sam", "seed=1"])
+    assert [(r.cfg.algo, r.cfg.seed) for r in p.runs] == [("sam", 1)]
+    # a value as the suite writes it or as resolved: csgd was written on the ring ...
+    p = planned("large-batch", filters=["topology=ring"])
+    assert sorted({(r.cfg.algo, r.resolved.topology) for r in p.runs}) == [("csgd", "allreduce"), ("dsgd", "ring")]
+    # ... and runs on all-reduce
+    p = planned("large-batch", filters=["topology=allreduce", "batch=128", "lr=0.1"])
+    assert len(p.runs) == 3 and all(r.cfg.algo == "csgd" and r.resolved.lr == pytest.approx(1.6) for r in p.runs)
+
+
+def test_filter_and_seeds_via_cli(tmp_path):
+    res = cli("suite", "quick", "--dry-run", "--seeds", "7", "--filter", "algo=lamb,d-lamb", "--results", tmp_path)
+    assert_ok(res)
+    ids = re.findall(r"\b((?:lamb|d-lamb)-\S+-s7-[0-9a-f]{8})\b", res.stdout)
+    assert len(set(ids)) == 2
+    assert "2 runs: 0 done, 2 to run" in res.stdout
+
+
+def test_set_overrides_every_run():
+    p = planned("quick", overrides=["epochs=2", "hessian=false"])
+    assert all(r.resolved.steps == 2 * 7 and not r.resolved.hessian for r in p.runs)
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: one line, exit 2, nothing written
+
+
+BAD_SUITES = {
+    "top-level key": ('[base]\ndataset = "synthetic"\n[grdi]\nalgo = ["csgd"]\n', ("grdi", "did you mean 'grid'")),
+    "field at top level": ('lr = 0.1\n', ("'lr'", "[base]")),
+    "base field": ('[base]\nlearning_rate = 0.1\n', ("[base]", "learning_rate")),
+    "grid field": ('[grid]\nlrr = [0.1]\n', ("[grid]", "lrr", "did you mean 'lr'")),
+    "variant field": ('[[variants]]\nbatchsize = 8\n', ("variants", "batchsize")),
+    "per_algo field": ('[per_algo.lamb]\nlrr = 0.1\n', ("per_algo.lamb", "lrr")),
+    "per_algo algorithm": ('[per_algo.lanb]\nlr = 0.1\n', ("unknown algorithm", "lanb", "lamb")),
+    "grid algorithm": ('[grid]\nalgo = ["csgd", "dgsd"]\n', ("unknown algorithm", "dgsd", "did you mean 'dsgd'")),
+    "grid topology": ('[grid]\ntopology = ["ring", "rign"]\n', ("unknown topology", "rign")),
+    "grid not a list": ('[grid]\nalgo = "csgd"\n', ("[grid]", "algo", "list")),
+    "grid empty list": ('[grid]\nalgo = []\n', ("[grid]", "algo", "empty")),
+    "grid empty table": ('[grid]\n', ("[grid]", "empty")),
+    "grid value type": ('[grid]\nlr = [0.1, "fast"]\n', ("[grid] lr", "'fast'")),
+    "grid and variants": ('[grid]\nlr = [0.1]\n[[variants]]\nlr = 0.2\n', ("'lr'", "[grid]", "[[variants]]")),
+    "per_algo vs grid": ('[grid]\nlr = [0.1]\n[per_algo.lamb]\nlr = 0.01\n', ("per_algo.lamb", "'lr'", "[grid]")),
+    "seed in base": ('[base]\nseed = 3\n', ("'seed'", "seeds")),
+    "seeds": ('seeds = [0, "one"]\n', ("seeds",)),
+    "range": ('[base]\nworkers = 0\n', ("--workers",)),
+    "invalid toml": ('[base\n', ("invalid toml",)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SUITES))
+def test_bad_suite_file(case, tmp_path):
+    text, needles = BAD_SUITES[case]
+    f = write(tmp_path / "bad.toml", text)
+    res = cli("suite", f, "--results", tmp_path / "res")
+    assert_user_error(res, *needles)
+    assert not (tmp_path / "res").exists()
+    assert_user_error(cli("suite", f, "--dry-run"), *needles)
+
+
+BAD_ARGS = {
+    "filter key": (["--filter", "algorithm=csgd"], ("--filter", "algorithm", "did you mean 'algo'")),
+    "filter form": (["--filter", "csgd"], ("--filter", "KEY=VALUE")),
+    "filter value": (["--filter", "workers=many"], ("--filter", "workers", "int")),
+    "filter none": (["--filter", "algo=sgd"], ("matches none",)),
+    "seeds": (["--seeds", "a,b"], ("--seeds",)),
+    "set key": (["--set", "lrr=0.1"], ("--set", "lrr")),
+    "set value": (["--set", "lr=0"], ("--lr", "> 0")),
+    "set seed": (["--set", "seed=3"], ("--set", "--seeds")),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGS))
+def test_bad_arguments(case, tmp_path):
+    args, needles = BAD_ARGS[case]
+    f = write(tmp_path / "tiny.toml", TINY_SUITE)
+    assert_user_error(cli("suite", f, *args, "--results", tmp_path / "res"), *needles)
+    assert not (tmp_path / "res").exists()
+
+
+def test_unknown_suite_name_and_missing_file(tmp_path):
+    assert_user_error(cli("suite", "quik"), "unknown suite", "quik", "did you mean 'quick'")
+    assert_user_error(cli("suite", tmp_path / "nope.toml"), "nope.toml", "no such file")
+
+
+def test_default_name_and_results_folder(tmp_path):
+    s = suites.load_suite(str(write(tmp_path / "tiny.toml", TINY_SUITE)))
+    assert (s.name, s.results, s.seeds) == ("tiny", "results/tiny", (0, 1))
+
+
+def test_unwritable_results_folder(tmp_path):
+    f = write(tmp_path / "tiny.toml", TINY_SUITE)
+    afile = write(tmp_path / "afile", "a file\n")
+    assert_user_error(cli("suite", f, "--results", afile / "sub"), "not writable")
+    assert afile.read_text() == "a file\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end
+
+
+def _summaries(root: Path) -> dict[str, dict]:
+    return {d.name: json.loads((d / "summary.json").read_text()) for d in run_dirs(root)}
+
+
+def test_suite_end_to_end_rerun_and_resume(tmp_path):
+    f = write(tmp_path / "tiny.toml", TINY_SUITE)
+    root = tmp_path / "res"
+    expected = [r.run_id for r in planned(f, results=str(root)).runs]
+    assert len(expected) == 6  # csgd x {ring, exponential} is one run per seed
+
+    res = cli("suite", f, "--results", root)
+    assert_ok(res)
+    got = _summaries(root)
+    assert sorted(got) == sorted(expected)  # the folders are the planned run ids
+    assert all(s["status"] == "completed" and s["steps"] == 5 for s in got.values())
+    assert sorted((s["algo"], s["topology"], s["seed"]) for s in got.values()) == sorted(
+        [("csgd", "allreduce", k) for k in (0, 1)] + [("dsgd", t, k) for t in ("ring", "exponential") for k in (0, 1)])
+    out = res.stdout
+    assert "ran 6, skipped 0" in out
+    assert f"dsgdbench compare {root} --baseline csgd" in "".join(out.split("\n"))
+    assert len(re.findall(r"^\[\d/6\] ", out, re.M)) == 6
+
+    # a rerun skips every finished run and writes nothing
+    before = snapshot(root)
+    res = cli("suite", f, "--results", root)
+    assert_ok(res)
+    assert "ran 0, skipped 6" in res.stdout
+    assert snapshot(root) == before
+    res = cli("suite", f, "--results", root, "--dry-run")
+    assert_ok(res)
+    assert "6 runs: 6 done, 0 to run" in res.stdout
+
+    # an interrupted suite (one run never finished) reruns only that run
+    lost = root / expected[3]
+    shutil.rmtree(lost)
+    res = cli("suite", f, "--results", root)
+    assert_ok(res)
+    assert "ran 1, skipped 5" in res.stdout
+    assert "[6/6]" in res.stdout  # the run count includes the runs already done
+    after = snapshot(root)
+    assert sorted(_summaries(root)) == sorted(expected)
+    assert {k: v for k, v in after.items() if not k.startswith(lost.name)} == {
+        k: v for k, v in before.items() if not k.startswith(lost.name)}
+
+    # --force reruns finished runs (here only those the filter keeps)
+    res = cli("suite", f, "--results", root, "--force", "--filter", "algo=csgd", "--filter", "seed=0")
+    assert_ok(res)
+    assert "ran 1, skipped 0" in res.stdout
+    changed = {k.split("/")[0] for k, v in snapshot(root).items() if after.get(k) != v}
+    assert len(changed) == 1 and changed.pop().startswith("csgd-allreduce-n4-b8-s0-")
+
+
+def test_diverged_runs_are_results(tmp_path):
+    f = write(tmp_path / "div.toml", TINY_SUITE.replace('topology = ["ring", "exponential"]', "")
+              .replace('algo = ["csgd", "dsgd"]', 'lr = [0.05, 1e8]').replace("seeds = [0, 1]", "seeds = [0]")
+              .replace("lr = 0.05\n", ""))
+    root = tmp_path / "res"
+    res = cli("suite", f, "--results", root)
+    assert_ok(res)
+    statuses = sorted(s["status"] for s in _summaries(root).values())
+    assert statuses == ["completed", "diverged"]
+    assert "ran 2 (1 diverged), skipped 0" in res.stdout
+    # a diverged run is finished: the rerun skips it
+    res = cli("suite", f, "--results", root)
+    assert_ok(res)
+    assert "ran 0, skipped 2" in res.stdout
+
+
+def test_all_configurations_validated_before_any_run(tmp_path):
+    """A bad value in the last configuration stops the suite before the first one trains."""
+    text = TINY_SUITE.replace('topology = ["ring", "exponential"]', 'topology = ["ring", "torus"]\nworkers = [4, 7]')
+    res = cli("suite", write(tmp_path / "t.toml", text), "--results", tmp_path / "res")
+    assert_user_error(res, "torus", "n=7")
+    assert not (tmp_path / "res").exists()
+    text = TINY_SUITE.replace('seeds = [0, 1]', 'seeds = [0, 1]\n[[variants]]\nbatch = 8\n[[variants]]\nbatch = 500')
+    text = text.replace("batch = 8\nsteps", "steps")
+    res = cli("suite", write(tmp_path / "u.toml", text), "--results", tmp_path / "res")
+    assert_user_error(res, "--batch 500", "shard")
+    assert not (tmp_path / "res").exists()
+
+
+def test_variants_and_per_algo_precedence(tmp_path):
+    text = TINY_SUITE + """
+[[variants]]
+batch = 4
+momentum = 0.5
+
+[[variants]]
+batch = 8
+momentum = 0.0
+
+[per_algo.dsgd]
+weight_decay = 0.0
+"""
+    p = planned(write(tmp_path / "t.toml", text))
+    assert len(p.runs) == 12
+    for r in p.runs:
+        c = r.cfg
+        assert (c.batch, c.momentum) in ((4, 0.5), (8, 0.0))
+        assert c.weight_decay == (0.0 if c.algo == "dsgd" else RunConfig.weight_decay)
+    with pytest.raises(UserError, match="per_algo.dsgd"):
+        planned(write(tmp_path / "u.toml", text.replace("weight_decay = 0.0", "momentum = 0.9")))
+
+
+@pytest.mark.parametrize("name", ["quick", "large-batch"])
+def test_planned_run_ids_match_the_runner(name):
+    """The plan's run ids are the folders the runner writes (done/todo depends on it)."""
+    from bench.runner import prepare
+
+    p = planned(name)
+    for r in (p.runs[0], p.runs[-1], next(r for r in p.runs if r.cfg.algo == "csgd")):
+        resolved, _, _ = prepare(r.cfg)
+        assert resolved.run_id() == r.run_id

@@ -131,9 +131,10 @@ def test_quick_suite_contents():
         c = r.resolved
         assert (c.dataset, c.workers, c.hessian, c.val_fraction, c.batch) == ("mnist1d", 16, True, 0.1, 32)
         assert c.topology == ("ring" if c.algo in DECENTRALIZED else "allreduce")
-        assert c.lr == (0.01 if c.algo in ("lamb", "d-lamb") else 0.2)
-        assert c.ac_start == ("0.1" if c.algo == "dsgd-ac" else RunConfig.ac_start)
-        assert c.steps == 40 * (3600 // 512)  # 40 epochs of the 3600 training samples left by val_fraction 0.1
+        tuned_lr = {"dsgd": 0.4, "dsgd-ac": 0.4, "lamb": 0.02, "d-lamb": 0.05}  # the per-algorithm tables
+        assert c.lr == tuned_lr.get(c.algo, 0.2)
+        assert c.ac_start == ("0.5" if c.algo == "dsgd-ac" else RunConfig.ac_start)
+        assert c.steps == 80 * (3600 // 512)  # 80 epochs of the 3600 training samples left by val_fraction 0.1
 
 
 def test_large_batch_suite_contents():
@@ -147,7 +148,7 @@ def test_large_batch_suite_contents():
     for r in p.runs:
         c = r.resolved
         assert c.steps == 400 and c.hessian and c.val_fraction == 0.1 and c.warmup > 0
-        assert c.lr == pytest.approx(r.cfg.lr * c.total_batch / 128)  # linear scaling, ref_batch 128
+        assert c.lr == pytest.approx(r.cfg.lr * c.total_batch / 512)  # linear scaling, ref_batch 512
     assert {r.cfg.batch for r in p.runs} == {8, 128}
     assert {r.cfg.lr for r in p.runs} == {0.05, 0.1, 0.2, 0.4}
 
@@ -223,7 +224,7 @@ def test_filter_and_seeds():
     assert sorted({(r.cfg.algo, r.resolved.topology) for r in p.runs}) == [("csgd", "allreduce"), ("dsgd", "ring")]
     # ... and runs on all-reduce
     p = planned("large-batch", filters=["topology=allreduce", "batch=128", "lr=0.1"])
-    assert len(p.runs) == 3 and all(r.cfg.algo == "csgd" and r.resolved.lr == pytest.approx(1.6) for r in p.runs)
+    assert len(p.runs) == 3 and all(r.cfg.algo == "csgd" and r.resolved.lr == pytest.approx(0.4) for r in p.runs)
 
 
 def test_filter_and_seeds_via_cli(tmp_path):

@@ -110,7 +110,7 @@ def test_shipped_suites_are_package_data():
     assert set(suites.shipped_names()) >= {"quick", "large-batch", "zhu2023-fig1", "dsgdac-table"}
 
 
-@pytest.mark.parametrize("name,count", [("quick", 21), ("large-batch", 96), ("zhu2023-fig1", 8),
+@pytest.mark.parametrize("name,count", [("quick", 21), ("large-batch", 120), ("zhu2023-fig1", 8),
                                         ("dsgdac-table", 21)])
 def test_shipped_suite_expands(name, count, wrn, tmp_path):
     p = planned(name, data_dir=str(tmp_path))  # an empty data folder: CIFAR suites plan without CIFAR
@@ -143,14 +143,14 @@ def test_large_batch_suite_contents():
     for r in p.runs:
         by.setdefault((r.cfg.algo, r.resolved.topology), []).append(r)
     assert sorted(by) == [("csgd", "allreduce"), ("dsgd", "exponential"), ("dsgd", "ring"), ("dsgd", "torus")]
-    assert all(len(v) == 2 * 4 * 3 for v in by.values())  # 2 batches x 4 lrs x 3 seeds
-    assert p.merged == 2 * 2 * 4 * 3  # csgd on torus and exponential: the ring's runs
+    assert all(len(v) == 2 * 5 * 3 for v in by.values())  # 2 batches x 5 lrs x 3 seeds
+    assert p.merged == 2 * 2 * 5 * 3  # csgd on torus and exponential: the ring's runs
     for r in p.runs:
         c = r.resolved
-        assert c.steps == 400 and c.hessian and c.val_fraction == 0.1 and c.warmup > 0
+        assert c.steps == 300 and c.hessian and c.val_fraction == 0.1 and c.warmup > 0
         assert c.lr == pytest.approx(r.cfg.lr * c.total_batch / 512)  # linear scaling, ref_batch 512
     assert {r.cfg.batch for r in p.runs} == {8, 128}
-    assert {r.cfg.lr for r in p.runs} == {0.05, 0.1, 0.2, 0.4}
+    assert {r.cfg.lr for r in p.runs} == {0.025, 0.05, 0.1, 0.2, 0.4}
 
 
 def test_cifar_suites_contents(wrn, tmp_path):
@@ -203,7 +203,7 @@ def test_list_suites():
     res = cli("list", "suites")
     assert_ok(res)
     text = " ".join(res.stdout.split())
-    for name, count in (("quick", 21), ("large-batch", 96), ("zhu2023-fig1", 8)):
+    for name, count in (("quick", 21), ("large-batch", 120), ("zhu2023-fig1", 8)):
         assert name in text
         assert f"({count} runs)" in text
 
@@ -223,8 +223,8 @@ def test_filter_and_seeds():
     p = planned("large-batch", filters=["topology=ring"])
     assert sorted({(r.cfg.algo, r.resolved.topology) for r in p.runs}) == [("csgd", "allreduce"), ("dsgd", "ring")]
     # ... and runs on all-reduce
-    p = planned("large-batch", filters=["topology=allreduce", "batch=128", "lr=0.1"])
-    assert len(p.runs) == 3 and all(r.cfg.algo == "csgd" and r.resolved.lr == pytest.approx(0.4) for r in p.runs)
+    p = planned("large-batch", filters=["topology=allreduce", "batch=128", "lr=0.025"])
+    assert len(p.runs) == 3 and all(r.cfg.algo == "csgd" and r.resolved.lr == pytest.approx(0.1) for r in p.runs)
 
 
 def test_filter_and_seeds_via_cli(tmp_path):

@@ -21,6 +21,7 @@ import torch
 import topologies
 from algorithms import RULES, StepContext, build_algorithm
 from bench import metrics, results
+from bench.augment import augment_batch
 from bench.comm import SimulatedComm
 from bench.config import RunConfig
 from bench.data import Sampler, epoch_steps, load_dataset, make_shards
@@ -85,7 +86,11 @@ class Trainer:
         np.random.seed(cfg.seed)
         module = build_model(cfg.model, data.input_shape, data.num_classes)
         self.init_info = load_init(module, cfg.init) if cfg.init else {}
-        self.workers = Workers(module, len(self.comm.workers), cfg.executor, device)
+        if cfg.augment and len(data.input_shape) != 3:
+            raise UserError(f"--augment (random crop + flip) needs image data (C x H x W); {cfg.dataset} has inputs "
+                            f"of shape {'x'.join(map(str, data.input_shape))}; drop --augment or use cifar10/cifar100")
+        self.workers = Workers(module, len(self.comm.workers), cfg.executor, device, precision=cfg.precision,
+                               channels_last=cfg.channels_last, compile=cfg.compile)
         self.epoch_len = epoch_steps(len(data.y_train), cfg.total_batch)
         self.algo = build_algorithm(cfg, self.workers.layout, self.workers.n, device, cfg.steps, self.epoch_len)
         shards = make_shards(data.y_train, n, cfg.partition, cfg.seed)
@@ -105,7 +110,10 @@ class Trainer:
         idx = self.sampler.indices(self.comm.workers, t)  # [n_local, B]
         n, B = idx.shape
         flat = idx.reshape(-1)
-        x = self.data.prepare(self.data.x_train[flat])
+        x = self.data.x_train[flat]
+        if self.cfg.augment:  # crop + flip of (seed, worker, step, position): the same on every backend
+            x = augment_batch(x.view(n, B, *x.shape[1:]), self.cfg.seed, self.comm.workers, t).view_as(x)
+        x = self.data.prepare(x)
         return x.view(n, B, *x.shape[1:]), self.data.y_train[flat].view(n, B)
 
     def evaluate(self) -> dict:

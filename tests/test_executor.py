@@ -1,0 +1,361 @@
+"""Executors (bench/workers.py): vmap == loop == native through whole training runs, and the numerics options.
+
+Every preset runs 20 steps on the same data order with each executor, from the same seed;
+the final parameters of all workers and their BatchNorm running buffers must agree (float32
+rounding only). Models: cnn on 3x8x8 images (BatchNorm: train/frozen modes matter, SAM's
+second pass must leave the running statistics alone) and cnn1d (no BatchNorm).
+bf16 autocast and channels-last are checked against the float32 / contiguous runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from algorithms import PRESETS, StepContext
+from bench.config import RunConfig
+from bench.data import Dataset
+from bench.errors import UserError
+from bench.models import build_model
+from bench.runner import Trainer
+from bench.workers import Workers
+
+CPU = torch.device("cpu")
+PRESET_NAMES = ["csgd", "dsgd", "dsgd-ac", "sam", "ad-sam", "lamb", "d-lamb"]
+STEPS = 20
+REL = 1e-5
+
+
+def images(n_train=128, n_test=32, shape=(3, 8, 8), k=4) -> Dataset:
+    """A tiny uint8 image data set with learnable labels (class-dependent mean brightness)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, k, (n_train,), generator=g)
+    yt = torch.randint(0, k, (n_test,), generator=g)
+
+    def draw(lab):
+        base = (40 + 50 * lab).view(-1, 1, 1, 1).float()
+        return (base + 60 * torch.rand(len(lab), *shape, generator=g)).clamp(0, 255).to(torch.uint8)
+
+    return Dataset("synthetic", draw(y), y, draw(yt), yt, k, "cnn", lambda b: (b.float() / 255.0 - 0.5) / 0.25)
+
+
+@pytest.fixture(scope="module")
+def img_data():
+    return images()
+
+
+def make_trainer(data, model: str, algo: str, executor: str, **kw) -> Trainer:
+    base = dict(dataset="synthetic", model=model, algo=algo, workers=4, batch=4, steps=STEPS, lr=0.05,
+                schedule="cosine", hessian=False, executor=executor, topology="ring", rho=0.05, sigma=0.01)
+    base.update(kw)
+    cfg = RunConfig(**base).resolve(len(data.y_train), model)
+    return Trainer(cfg, data, CPU, run_dir=None)
+
+
+def train(tr: Trainer, steps: int = STEPS) -> Trainer:
+    for t in range(steps):
+        ctx = StepContext(t, tr.lr(t), tr.cfg.lr, tr.comm, tr.cfg.seed)
+        x, y = tr.batch(t)
+        losses, X = tr.algo.step(tr.workers, tr.workers.X, x, y, ctx)
+        assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
+        tr.workers.X = X
+    return tr
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def assert_same_run(a: Trainer, b: Trainer, rel: float = REL) -> None:
+    assert a.workers.X.dtype == b.workers.X.dtype == torch.float32
+    assert rel_err(a.workers.X, b.workers.X) < rel, rel_err(a.workers.X, b.workers.X)
+    torch.testing.assert_close(a.workers.X, b.workers.X, rtol=1e-4, atol=1e-5)
+    assert a.workers.buffers.keys() == b.workers.buffers.keys()
+    for k in a.workers.buffers:
+        assert rel_err(a.workers.buffers[k], b.workers.buffers[k]) < rel, k
+    # the optimizer states agree too (momentum / Adam moments: the whole run, not only its end point)
+    for name in ("m", "v"):
+        sa, sb = getattr(a.algo.optimizer, name, None), getattr(b.algo.optimizer, name, None)
+        if isinstance(sa, torch.Tensor) and isinstance(sb, torch.Tensor):
+            assert rel_err(sa, sb) < 10 * rel, name
+
+
+def test_preset_list_is_the_registry():
+    assert sorted(PRESET_NAMES) == sorted(PRESETS)
+
+
+@pytest.mark.parametrize("algo", PRESET_NAMES)
+def test_vmap_equals_loop_and_native_with_batchnorm(img_data, algo):
+    runs = {ex: train(make_trainer(img_data, "cnn", algo, ex)) for ex in ("loop", "vmap", "native")}
+    assert {ex: r.workers.executor for ex, r in runs.items()} == {"loop": "loop", "vmap": "vmap", "native": "native"}
+    assert runs["loop"].workers.buffers, "cnn has BatchNorm buffers"
+    assert_same_run(runs["vmap"], runs["loop"])
+    assert_same_run(runs["native"], runs["vmap"])
+    # training moved the parameters and (train passes) the running statistics
+    fresh = make_trainer(img_data, "cnn", algo, "loop")
+    assert rel_err(runs["vmap"].workers.X, fresh.workers.X) > 1e-3
+    for k, v in runs["vmap"].workers.buffers.items():
+        if k.endswith("running_mean"):
+            assert not torch.allclose(v, fresh.workers.buffers[k])
+    if algo not in ("csgd", "sam", "ad-sam", "lamb"):  # gossip: workers differ, so the comparison is per worker
+        assert (runs["vmap"].workers.X[0] - runs["vmap"].workers.X[1]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("algo", PRESET_NAMES)
+def test_vmap_equals_loop_and_native_without_batchnorm(synthetic, algo):
+    runs = {ex: train(make_trainer(synthetic, "cnn1d", algo, ex)) for ex in ("loop", "vmap", "native")}
+    assert not runs["loop"].workers.buffers
+    assert_same_run(runs["vmap"], runs["loop"])
+    assert_same_run(runs["native"], runs["vmap"])
+
+
+def test_sam_second_pass_leaves_bn_statistics_alone_under_vmap(img_data):
+    """SAM with vmap: after one step the running statistics are those of ONE train pass (plain SGD's)."""
+    sam = train(make_trainer(img_data, "cnn", "sam", "vmap"), 1)
+    sgd = train(make_trainer(img_data, "cnn", "csgd", "vmap"), 1)
+    for k in sam.workers.buffers:
+        torch.testing.assert_close(sam.workers.buffers[k], sgd.workers.buffers[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["train", "frozen", "eval"])
+def test_vmap_bn_modes_match_loop(img_data, mode):
+    tr = {ex: make_trainer(img_data, "cnn", "dsgd", ex) for ex in ("loop", "vmap")}
+    g = torch.Generator().manual_seed(1)
+    X = tr["loop"].workers.X + 0.05 * torch.randn(tr["loop"].workers.X.shape, generator=g)
+    bufs = {k: (0.5 + torch.rand(v.shape, generator=g)) if "var" in k else 0.3 * torch.randn(v.shape, generator=g)
+            for k, v in tr["loop"].workers.buffers.items()}
+    x, y = tr["loop"].batch(0)
+    out = {}
+    for ex, t in tr.items():
+        t.workers.X = X.clone()
+        t.workers.buffers = {k: v.clone() for k, v in bufs.items()}
+        out[ex] = t.workers.loss_and_grad(t.workers.X, x, y, mode)
+    torch.testing.assert_close(out["vmap"][0], out["loop"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["vmap"][1], out["loop"][1], rtol=1e-4, atol=1e-6)
+    for k in bufs:
+        torch.testing.assert_close(tr["vmap"].workers.buffers[k], tr["loop"].workers.buffers[k], rtol=1e-5, atol=1e-6)
+        changed = not torch.equal(tr["vmap"].workers.buffers[k], bufs[k])
+        assert changed == (mode == "train"), (k, mode)
+
+
+# ----------------------------------------------------------------------------------------------
+# numerics options
+
+
+@pytest.mark.parametrize("executor", ["vmap", "loop", "native"])
+def test_bf16_run_finishes_close_to_fp32(img_data, executor):
+    fp32 = train(make_trainer(img_data, "cnn", "sam", executor))
+    bf16 = train(make_trainer(img_data, "cnn", "sam", executor, precision="bf16"))
+    assert bf16.workers.X.dtype == torch.float32  # parameters and optimizer state stay float32
+    assert all(v.dtype == torch.float32 for v in bf16.workers.buffers.values())
+    assert torch.isfinite(bf16.workers.X).all()
+    X0 = make_trainer(img_data, "cnn", "sam", executor).workers.X
+    moved = (fp32.workers.X - X0).norm()
+    d = float((bf16.workers.X - fp32.workers.X).norm() / moved)
+    # The same training path up to bfloat16 rounding: 20 SAM steps at batch 4 amplify a per-step
+    # gradient error of a few percent to ~16% of the distance travelled (equally for every
+    # executor, autocast or not), i.e. ~2.5% of the parameters.
+    assert 0 < d < 0.3, d
+    assert 0 < rel_err(bf16.workers.X, fp32.workers.X) < 0.05
+    x, y = bf16.batch(0)
+    losses, G = bf16.workers.loss_and_grad(bf16.workers.X, x, y, "eval")
+    assert losses.dtype == torch.float32 and G.dtype == torch.float32
+
+
+def test_bf16_vmap_close_to_bf16_loop(img_data):
+    """Both executors compute in bfloat16 (vmap casts by hand what autocast casts in the loop)."""
+    a = make_trainer(img_data, "cnn", "dsgd", "vmap", precision="bf16")
+    b = make_trainer(img_data, "cnn", "dsgd", "loop", precision="bf16")
+    ref = make_trainer(img_data, "cnn", "dsgd", "loop")
+    x, y = a.batch(0)
+    ga = a.workers.loss_and_grad(a.workers.X, x, y)[1]
+    gb = b.workers.loss_and_grad(b.workers.X, x, y)[1]
+    g32 = ref.workers.loss_and_grad(ref.workers.X, x, y)[1]
+    assert rel_err(ga, g32) > 1e-4  # really in bfloat16 (autocast does not reach convolutions under vmap)
+    assert rel_err(ga, gb) < 0.5 * rel_err(ga, g32) + 1e-3
+
+
+@pytest.mark.parametrize("executor", ["vmap", "loop", "native"])
+def test_channels_last_equals_contiguous(img_data, executor):
+    a = train(make_trainer(img_data, "cnn", "dsgd", executor), 10)
+    b = train(make_trainer(img_data, "cnn", "dsgd", executor, channels_last=True), 10)
+    assert b.workers.channels_last
+    assert rel_err(b.workers.X, a.workers.X) < REL
+    for k in a.workers.buffers:
+        assert rel_err(b.workers.buffers[k], a.workers.buffers[k]) < REL
+
+
+def test_channels_last_input_layout():
+    from bench.workers import channels_last_input
+
+    x = torch.randn(3, 2, 4, 5, 6)
+    for ex in ("loop", "vmap", "native"):
+        y = channels_last_input(x, ex)
+        assert torch.equal(y, x)
+    y = channels_last_input(x, "loop")
+    assert y[1].is_contiguous(memory_format=torch.channels_last)
+    y = channels_last_input(x, "vmap")
+    packed = y.transpose(0, 1).reshape(2, 12, 5, 6)  # what the grouped convolution reads: a view
+    assert packed.data_ptr() == y.data_ptr() and packed.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_non_semantic_options_keep_the_run_id():
+    base = RunConfig(dataset="synthetic")
+    for kw in (dict(executor="vmap"), dict(channels_last=True), dict(compile=True)):
+        assert base.replace(**kw).run_id() == base.run_id()
+    assert base.replace(precision="bf16").run_id() != base.run_id()
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def test_compile_failure_falls_back_with_one_warning(img_data, monkeypatch):
+    def broken_compile(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("backend exploded\nsecond line")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    a = make_trainer(img_data, "cnn", "dsgd", "vmap", compile=True)
+    logs = []
+    a.workers._log = logs.append
+    b = make_trainer(img_data, "cnn", "dsgd", "vmap")
+    train(a, 3)
+    train(b, 3)
+    assert len(logs) == 1 and "--compile" in logs[0] and "backend exploded" in logs[0] and "\n" not in logs[0]
+    assert_same_run(a, b, rel=1e-6)
+
+
+def test_compile_vmap_equals_eager(synthetic):
+    """A real torch.compile of the vmapped forward (mlp: compiles in seconds) gives the eager run."""
+    a = make_trainer(synthetic, "mlp", "dsgd", "vmap", compile=True)
+    logs = []
+    a.workers._log = logs.append
+    b = make_trainer(synthetic, "mlp", "dsgd", "vmap")
+    train(a, 3)
+    train(b, 3)
+    assert logs == [] or all("--compile" in m for m in logs)
+    assert_same_run(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# choosing the executor
+
+
+class ItemNet(nn.Module):
+    """A module vmap cannot run (.item() on a batched tensor), with BatchNorm before the failure."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        scale = 1.0 if h.abs().max().item() > 0 else 0.0
+        return self.fc(h.mean((2, 3))) * scale
+
+
+def test_auto_choice():
+    assert Workers(build_model("cnn", (3, 8, 8), 4), 2, "auto").executor == "native"
+    assert Workers(build_model("resnet18", (3, 8, 8), 4), 2, "auto").executor == "loop"  # CPU: loop
+    assert Workers(build_model("resnet18", (3, 8, 8), 4), 2, "vmap").executor == "vmap"
+    assert Workers(build_model("mlp", (1, 8), 4), 2, "vmap").executor == "vmap"
+    with pytest.raises(UserError, match="vmap or loop"):
+        Workers(ItemNet(), 2, "native")
+    with pytest.raises(UserError, match="valid"):
+        Workers(ItemNet(), 2, "threads")
+
+
+def test_auto_vmap_falls_back_to_loop_restoring_bn_buffers():
+    torch.manual_seed(0)
+    w = Workers(ItemNet(), 2, "auto")
+    ref = Workers(ItemNet(), 2, "loop")
+    ref.X = w.X.clone()
+    w.executor = "vmap"  # what auto picks on CUDA
+    logs = []
+    w._log = logs.append
+    x = torch.randn(2, 3, 3, 5, 5)
+    y = torch.randint(0, 2, (2, 3))
+    la, ga = w.loss_and_grad(w.X, x, y)
+    lb, gb = ref.loss_and_grad(ref.X, x, y)
+    assert w.executor == "loop" and len(logs) == 1 and "loop" in logs[0]
+    torch.testing.assert_close(la, lb)
+    torch.testing.assert_close(ga, gb)
+    for k in ref.buffers:  # one train pass worth of statistics, not two
+        torch.testing.assert_close(w.buffers[k], ref.buffers[k], rtol=0, atol=0)
+    with pytest.raises(RuntimeError):  # an explicit --executor vmap fails loudly instead
+        v = Workers(ItemNet(), 2, "vmap")
+        v.loss_and_grad(v.X, x, y)
+
+
+def test_vmap_runs_resnet18_like_loop():
+    """resnet18 (no batched_forward): one vmap train pass against a float64 reference is at least as
+    accurate as the loop's (at initialisation even a plain float32 module is ~1e-4..1e-3 away from
+    float64), and the BN buffers match."""
+    import copy
+
+    torch.manual_seed(0)
+    module = build_model("resnet18", (3, 8, 8), 4)
+    w = {ex: Workers(copy.deepcopy(module), 2, ex) for ex in ("vmap", "loop")}
+    ref = Workers(copy.deepcopy(module).double(), 2, "loop")
+    g = torch.Generator().manual_seed(0)
+    X = w["loop"].X + 0.01 * torch.randn(w["loop"].X.shape, generator=g)
+    x = torch.randn(2, 4, 3, 8, 8, generator=g)
+    y = torch.randint(0, 4, (2, 4), generator=g)
+    ref.X = X.double()
+    l64, g64 = ref.loss_and_grad(ref.X, x.double(), y)
+    err = {}
+    for ex, ww in w.items():
+        ww.X = X.clone()
+        loss, grad = ww.loss_and_grad(ww.X, x, y)
+        torch.testing.assert_close(loss.double(), l64, rtol=1e-5, atol=1e-5)
+        err[ex] = rel_err(grad.double(), g64)
+    assert err["loop"] < 1e-2 and err["vmap"] <= max(1e-5, 3 * err["loop"]), err
+    for k in ref.buffers:
+        for ww in w.values():
+            torch.testing.assert_close(ww.buffers[k].double(), ref.buffers[k], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# chunks of workers (memory): the same numbers
+
+
+@pytest.mark.parametrize("executor", ["vmap", "native", "loop"])
+def test_chunked_workers_equal_one_call(img_data, executor):
+    a = make_trainer(img_data, "cnn", "sam", executor)
+    b = make_trainer(img_data, "cnn", "sam", executor)
+    b.workers.chunk = 3  # 4 workers: chunks of 3 and 1
+    train(a, 5)
+    train(b, 5)
+    assert_same_run(a, b, rel=1e-6)
+
+
+def test_out_of_memory_halves_the_chunk_and_retries(img_data, monkeypatch):
+    """On CUDA out of memory the step is retried with half the workers per call, BN buffers restored."""
+    a = make_trainer(img_data, "cnn", "dsgd", "vmap")
+    ref = make_trainer(img_data, "cnn", "dsgd", "vmap")
+    w = a.workers
+    w.device = torch.device("cuda")  # only the out-of-memory guard looks at it; nothing runs on a GPU
+    real = w._logits
+    calls = []
+
+    def logits(pv, x, mode, rows):
+        out = real(pv, x, mode, rows)  # BN buffers of these rows are updated before the failure
+        calls.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        return out
+
+    monkeypatch.setattr(w, "_logits", logits)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    logs = []
+    w._log = logs.append
+    train(a, 3)
+    train(ref, 3)
+    assert calls[:3] == [4, 2, 2] and w.chunk == 2
+    assert len(logs) == 1 and "out of memory" in logs[0] and "using 2" in logs[0]
+    assert_same_run(a, ref, rel=1e-6)

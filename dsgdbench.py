@@ -212,26 +212,37 @@ def _print_run(s: dict) -> None:
 @app.command()
 def compare(
     results_dir: str = typer.Argument("results", help="Folder of runs (searched recursively)."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table, csv or md."),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="Write to FILE (.csv or .md)."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, csv, md or tex."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Write to FILE (.csv, .md or .tex)."),
     by: Optional[str] = typer.Option(None, help="Group by these keys, e.g. algo,topology (default: the config)."),
-    columns: Optional[str] = typer.Option(None, help="Metrics to show, e.g. test_acc,test_loss,top_eig."),
+    columns: Optional[str] = typer.Option(None, help="Columns, e.g. test_acc,test_loss,top_eig,computation."),
+    baseline: Optional[str] = typer.Option(None, help="Paired differences to this algo on shared seeds, e.g. csgd."),
+    target_acc: Optional[float] = typer.Option(None, help="Steps and train seconds to this test accuracy (%)."),
+    tune: Optional[List[str]] = typer.Option(None, help="Keep the value of KEY (e.g. lr) with the best mean val_acc "
+                                                        "per configuration; repeatable or comma-separated."),
 ):
-    """Leaderboard: group runs over seeds, mean ± std per configuration."""
+    """Leaderboard: group runs over seeds; mean ± std, 95% CI, paired differences to a baseline."""
+    from rich.text import Text
+
     from bench import leaderboard as lb
 
     if fmt not in lb.FORMATS:
         raise UserError(f"--format {fmt!r}: valid: {', '.join(lb.FORMATS)}")
-    df = lb.runs_frame(results_dir, warn=lambda m: err.print(f"[yellow]warning:[/yellow] {m}"))
-    metrics = lb.DEFAULT_METRICS
+    if out_file is not None:
+        fmt = lb.format_from_path(str(out_file))
+    metrics = lb.DEFAULT_COLUMNS
     if columns:
         metrics = tuple(c.strip() for c in columns.split(",") if c.strip())
-        bad = [c for c in metrics if c not in lb.METRICS]
+        bad = [c for c in metrics if c not in lb.COLUMNS]
         if bad:
-            raise UserError(f"--columns: unknown metric {bad[0]!r}; valid: {', '.join(lb.METRICS)}")
-    numeric, display = lb.leaderboard(df, [b.strip() for b in by.split(",")] if by else None, metrics)
+            raise UserError(f"--columns: unknown metric {bad[0]!r}; valid: {', '.join(lb.COLUMNS)}")
+    tune_keys = [k.strip() for t in tune or [] for k in t.split(",") if k.strip()]
+    df = lb.runs_frame(results_dir, warn=lambda m: err.print(f"[yellow]warning:[/yellow] {m}"))
+    selected = lb.tune_runs(df, tune_keys)[0] if tune_keys else df
+    numeric, display = lb.leaderboard(selected, [b.strip() for b in by.split(",")] if by else None, metrics,
+                                      baseline=baseline, target_acc=target_acc, tuned=tune_keys)
     if out_file is not None:
-        text = lb.render(numeric, display, lb.format_from_path(str(out_file)))
+        text = lb.render(numeric, display, fmt)
         try:
             out_file.write_text(text)
         except OSError as e:
@@ -239,21 +250,53 @@ def compare(
         err.print(f"wrote {out_file}")
         return
     if fmt == "table":
-        t = Table(title=f"dsgdbench leaderboard ({len(df)} runs in {results_dir})")
+        title = f"dsgdbench leaderboard ({len(df)} runs in {results_dir}"
+        title += f"; {len(selected)} kept by --tune {','.join(tune_keys)})" if tune_keys else ")"
+        t = Table(title=title, caption="\n".join(display.attrs.get("notes", [])) or None)
+        left = lb.text_columns(display)
         for c in display.columns:
-            t.add_column(str(c), justify="left" if c in ("algo", "topology", "status") else "right")
+            t.add_column(Text(str(c)), justify="left" if c in left else "right")
         for _, r in display.iterrows():
-            t.add_row(*[str(v) for v in r])
+            t.add_row(*[Text(str(v)) for v in r])
         out.print(t)
     else:
         sys.stdout.write(lb.render(numeric, display, fmt))
 
 
+@app.command()
+def suite(
+    name: str = typer.Argument(..., help="A shipped suite (dsgdbench list suites) or a FILE.toml."),
+    results_dir: Optional[str] = typer.Option(None, "--results", help="Results folder (default: the suite's)."),
+    seeds: Optional[str] = typer.Option(None, help="Seeds of every configuration, 0,1,2 or 0-4 (default: the suite's)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs (done or to do) and train nothing."),
+    filter_: Optional[List[str]] = typer.Option(None, "--filter", help="Keep runs whose KEY is one of VALUE[,VALUE...], "
+                                                                       "e.g. algo=csgd,dsgd; repeatable."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Set KEY=VALUE for every run, e.g. epochs=2 or "
+                                                                 "device=cpu; repeatable."),
+    data_dir: Optional[str] = typer.Option(None, help="Folder holding image data sets (CIFAR)."),
+    force: bool = typer.Option(False, "--force", help="Rerun finished runs (otherwise they are skipped)."),
+):
+    """Run a grid of configurations; finished runs are skipped, so running it again continues."""
+    from bench import suites
+
+    plan = suites.plan(suites.load_suite(name), results=results_dir, seeds=seeds, filters=filter_ or [],
+                       overrides=set_ or [], data_dir=data_dir, force=force, check_run=not dry_run)
+    if dry_run:
+        out.print(suites.plan_table(plan))
+        out.print(suites.plan_counts(plan), highlight=False, markup=False)
+        return
+    suites.execute(plan, out, err)
+
+
 @app.command("list")
-def list_(what: str = typer.Argument("all", help="algorithms, components, topologies, datasets, models or all.")):
-    """List the registered names."""
+def list_(what: str = typer.Argument("all", help="algorithms, components, topologies, datasets, models, suites "
+                                                    "or all.")):
+    """List the registered names and the shipped suites."""
+    from rich.text import Text
+
     import algorithms
     import topologies
+    from bench import suites
     from bench.data import DATASETS
     from bench.models import MODELS
 
@@ -266,6 +309,8 @@ def list_(what: str = typer.Argument("all", help="algorithms, components, topolo
         "topologies": [(n, topologies.TOPOLOGIES.help(n)) for n in topologies.TOPOLOGIES],
         "datasets": [(n, DATASETS.help(n)) for n in DATASETS],
         "models": [(n, MODELS.help(n)) for n in MODELS] + [("timm:<name>", "any timm model, randomly initialised")],
+        # Counting a suite's runs loads its data sets: only when suites are asked for.
+        "suites": [(n, Text(h)) for n, h in suites.listing()] if what in ("all", "suites") else [],
     }
     if what != "all" and what not in sections:
         from bench.registry import unknown_name
@@ -348,24 +393,111 @@ def landscape(
 def speed(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     workers: int = typer.Option(16, "--workers", "-n"),
-    repeats: int = typer.Option(50, help="Timed steps per measurement."),
+    repeats: Optional[int] = typer.Option(None, help="Timed steps per measurement (default: 50 on cpu, 10 on cuda)."),
     threads: int = typer.Option(0, help="torch threads (0: leave as is)."),
+    models: Optional[str] = typer.Option(None, help="Models of the executor tables (cuda default: resnet18; "
+                                                    "giving it on cpu times these instead of the cpu report)."),
+    batches: Optional[str] = typer.Option(None, help="Local batches of the executor tables (default 64,512)."),
+    precisions: str = typer.Option("fp32,bf16", help="fp32 and/or bf16 (executor tables)."),
+    layouts: str = typer.Option("nchw,nhwc", help="nchw and/or nhwc = channels-last (executor tables)."),
+    executors: str = typer.Option("loop,vmap,native", help="Executors to compare (native where the model has one)."),
+    warmup: int = typer.Option(3, help="Untimed steps of every variant before timing."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile every variant (executor tables)."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Also write the tables to FILE (.json or .md)."),
 ):
-    """Simulator overhead: simulated D-SGD step vs a plain single-model SGD step at the same total batch."""
-    from bench.speed import speed_report
+    """Steps per second: simulated D-SGD per executor vs a plain single-model SGD step at the same total batch.
 
+    cpu (default): the simulator's overhead for cnn1d and cnn, and loop vs vectorized executors for
+    the default model. cuda: resnet18 on 32x32, 16 workers, local batch 64 and 512, fp32/bf16,
+    NCHW/channels-last, and the projected time of the zhu2023-fig1 run at total batch 8192.
+    All variants of a table are timed interleaved in one process; medians.
+    """
+    from bench import speed as sp
+
+    def names(text, what, valid=None, conv=str):
+        try:
+            vals = [conv(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--{what} {text!r}: give comma-separated values") from None
+        bad = [v for v in vals if valid is not None and v not in valid]
+        if bad or not vals:
+            raise UserError(f"--{what} {text!r}: valid values: {', '.join(map(str, valid or ()))}")
+        return tuple(vals)
+
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r}: valid: cpu, cuda")
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
-    rows = speed_report(device, workers, repeats, threads, log=lambda m: err.print(f"[dim]{m}[/dim]"))
-    t = Table(title=f"simulated D-SGD (ring, n={workers}) vs single-model SGD, same total batch, {device}")
-    for c in rows[0]:
-        t.add_column(c, justify="right")
-    for r in rows:
-        t.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()])
-    out.print(t)
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1 (got {workers})")
+    exs = names(executors, "executors", ("loop", "vmap", "native"))
+    log = lambda m: err.print(f"[dim]{m}[/dim]")  # noqa: E731
+    if device == "cpu" and models is None and batches is None:
+        tables = sp.cpu_report(workers, repeats or 50, threads, log, exs)
+    else:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        from bench.models import MODELS
+
+        mods = names(models or "resnet18", "models", list(MODELS) + [m.strip() for m in (models or "").split(",")
+                                                                      if m.strip().startswith("timm:")])
+        bs = names(batches or "64,512", "batches", None, int)
+        if any(b < 1 for b in bs):
+            raise UserError(f"--batches {batches!r}: batches are positive integers")
+        tables = sp.gpu_report(mods, bs, names(precisions, "precisions", ("fp32", "bf16")),
+                               names(layouts, "layouts", ("nchw", "nhwc")), workers, repeats or 10, warmup, exs,
+                               compile, device, log)
+
+    cell = sp.cell
+    for title, rows in tables.items():
+        if not rows:
+            continue
+        cols = list(rows[0])
+        if "step" in cols:  # an executor table: what every row shares is in the title
+            cols = ["step", "ms", "steps/s", "vs single", "vs loop"] + (["note"] if any(r["note"] for r in rows) else [])
+        t = Table(title=title)
+        for c in cols:
+            t.add_column(c, justify="left" if c in ("model", "step", "run", "note", "executor") else "right")
+        for r in rows:
+            t.add_row(*[cell(r[c]) for c in cols])
+        out.print(t)
+    if out_file is not None:
+        text = json.dumps(tables, indent=2) + "\n" if out_file.suffix == ".json" else sp.to_markdown(tables)
+        try:
+            out_file.write_text(text)
+        except OSError as e:
+            raise UserError(f"--out {str(out_file)!r}: cannot write ({e.strerror})") from None
+        err.print(f"wrote {out_file}")
+
+@app.command()
+def plot(
+    results_dir: str = typer.Argument("results", help="Folder of runs (searched recursively)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the PNG files (default: DIR/plots)."),
+    by: Optional[str] = typer.Option(None, help="Group runs into curves by these keys, e.g. algo,topology "
+                                                "(default: the config)."),
+    tune: Optional[List[str]] = typer.Option(None, help="Plot only the value of KEY (e.g. lr) with the best mean "
+                                                        "val_acc per configuration, as compare --tune does."),
+):
+    """Figures: test accuracy vs step, consensus distance vs step, top-1 eigenvalue vs test accuracy."""
+    from bench import leaderboard as lb
+    from bench.plots import make_plots
+
+    df = lb.runs_frame(results_dir, warn=lambda m: err.print(f"[yellow]warning:[/yellow] {m}"))
+    if df.empty:
+        raise UserError(f"no finished runs in {results_dir!r}; run `dsgdbench run` first or pass the folder")
+    tune_keys = [k.strip() for t in tune or [] for k in t.split(",") if k.strip()]
+    if tune_keys:
+        df = lb.tune_runs(df, tune_keys)[0]
+    keys = [b.strip() for b in by.split(",") if b.strip()] if by else None
+    paths = make_plots(df, out_dir if out_dir is not None else Path(results_dir) / "plots", by=keys,
+                       note=lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True))
+    for p in paths:
+        out.print(f"wrote {p}", markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -258,9 +258,9 @@ def tune_runs(df: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, pd.DataF
 
     keep: dict = {}  # winning row index -> number of values it was chosen from
     choices = []
-    for _, g in key_str.groupby(["_all", *context], sort=False):
+    for _, g in key_str.groupby(["_all", *context], sort=False, dropna=False):
         ranking = []
-        for _, v in g.groupby(cols, sort=False):
+        for _, v in g.groupby(cols, sort=False, dropna=False):
             completed = v.index[~diverged[v.index]]
             ranking.append(_Candidate(rows=v.index, diverged=float(diverged[v.index].mean()),
                                       val_acc=float(val[completed].mean()), completed=len(completed),

@@ -44,7 +44,8 @@ def write_run(root: Path, algo: str, seed: int, test_acc: float | None, *, statu
     cfg = {"algo": algo, "topology": topology, "workers": workers, "batch": batch, "seed": seed, "lr": lr,
            "steps": steps, "epochs": 150.0, "dataset": "synthetic", "model": "mlp", "val_fraction": 0.1,
            "grad": "plain", "opt": "sgd", "comm": "allreduce" if algo == "csgd" else "gossip",
-           "milestones": [0.5, 0.75], "results": str(root), "device": "cpu", **(config or {})}
+           "milestones": [0.5, 0.75], "results": str(root), "device": "cpu", "init": None,
+           "data_dir": None, **(config or {})}  # None-valued fields as in real configs
     done = status == "completed"
     summary = {"algo": algo, "topology": topology, "workers": workers, "total_batch": workers * batch, "seed": seed,
                "lr": lr, "steps": steps, "status": status, "config_id": f"{algo}-{topology}-{lr}-{workers}-{steps}",

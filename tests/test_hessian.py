@@ -116,7 +116,9 @@ def test_quadratic_known_spectrum():
 # ---------------------------------------------------------------------------------------------
 # Both HVP methods, every registered model
 
-MODEL_INPUTS = {"mlp": (1, 16), "cnn1d": (1, 40), "cnn": (3, 8, 8), "resnet18": (3, 8, 8)}
+MODEL_INPUTS = {"mlp": (1, 16), "cnn1d": (1, 40), "cnn": (3, 8, 8), "resnet18": (3, 8, 8),
+                "wrn16_4": (3, 8, 8), "wrn28_10": (3, 8, 8)}
+BIG = ("resnet18", "wrn28_10")  # millions of parameters: float32 and two samples keep each to seconds
 
 
 @pytest.mark.parametrize("name", MODELS.names())
@@ -124,7 +126,7 @@ def test_hvp_methods_agree(name):
     shape = MODEL_INPUTS.get(name)
     if shape is None:
         pytest.skip(f"no small input for model {name!r}; add it to MODEL_INPUTS")
-    big = name == "resnet18"  # 11M parameters: float32 and two samples keep it to a second
+    big = name in BIG
     dtype = torch.float32 if big else torch.float64
     torch.manual_seed(0)
     module = build_model(name, shape, 5).to(dtype)

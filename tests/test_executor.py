@@ -211,6 +211,15 @@ def test_non_semantic_options_keep_the_run_id():
 # torch.compile
 
 
+def compiled_and_eager(data, model: str, steps: int = 3):
+    """D-SGD with the vmap executor, once with --compile (its log lines collected) and once eager."""
+    a = make_trainer(data, model, "dsgd", "vmap", compile=True)
+    logs = []
+    a.workers._log = logs.append
+    b = make_trainer(data, model, "dsgd", "vmap")
+    return train(a, steps), train(b, steps), logs
+
+
 def test_compile_failure_falls_back_with_one_warning(img_data, monkeypatch):
     def broken_compile(fn, **kw):
         def run(*a, **k):
@@ -218,24 +227,14 @@ def test_compile_failure_falls_back_with_one_warning(img_data, monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    a = make_trainer(img_data, "cnn", "dsgd", "vmap", compile=True)
-    logs = []
-    a.workers._log = logs.append
-    b = make_trainer(img_data, "cnn", "dsgd", "vmap")
-    train(a, 3)
-    train(b, 3)
+    a, b, logs = compiled_and_eager(img_data, "cnn")
     assert len(logs) == 1 and "--compile" in logs[0] and "backend exploded" in logs[0] and "\n" not in logs[0]
     assert_same_run(a, b, rel=1e-6)
 
 
 def test_compile_vmap_equals_eager(synthetic):
     """A real torch.compile of the vmapped forward (mlp: compiles in seconds) gives the eager run."""
-    a = make_trainer(synthetic, "mlp", "dsgd", "vmap", compile=True)
-    logs = []
-    a.workers._log = logs.append
-    b = make_trainer(synthetic, "mlp", "dsgd", "vmap")
-    train(a, 3)
-    train(b, 3)
+    a, b, logs = compiled_and_eager(synthetic, "mlp")
     assert logs == [] or all("--compile" in m for m in logs)
     assert_same_run(a, b)
 

@@ -19,10 +19,11 @@ import torch
 from algorithms import StepContext
 from bench.augment import augment_batch, counter_hash, crop_flip_params
 from bench.config import RunConfig
-from bench.data import Dataset
 from bench.models import build_model
 from bench.runner import Trainer
 from bench.workers import Workers
+from test_executor import images  # the tiny uint8 image set of the CPU executor tests
+from test_executor import rel_err as rel
 
 pytestmark = [
     pytest.mark.cuda,
@@ -48,21 +49,9 @@ def exact_float32():
          torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = saved
 
 
-def images(n_train=256, n_test=64, shape=(3, 16, 16), k=4) -> Dataset:
-    g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, k, (n_train,), generator=g)
-    yt = torch.randint(0, k, (n_test,), generator=g)
-
-    def draw(lab):
-        base = (40 + 50 * lab).view(-1, 1, 1, 1).float()
-        return (base + 60 * torch.rand(len(lab), *shape, generator=g)).clamp(0, 255).to(torch.uint8)
-
-    return Dataset("synthetic", draw(y), y, draw(yt), yt, k, "cnn", lambda b: (b.float() / 255.0 - 0.5) / 0.25)
-
-
 @pytest.fixture(scope="module")
 def gpu_images():
-    return images().to(CUDA)
+    return images(256, 64, (3, 16, 16)).to(CUDA)
 
 
 def make_trainer(data, model, algo, executor, device=None, **kw) -> Trainer:
@@ -82,10 +71,6 @@ def train(tr: Trainer, steps: int = 10) -> Trainer:
         tr.workers.X = X
     torch.cuda.synchronize()
     return tr
-
-
-def rel(a, b) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +137,7 @@ def test_cuda_run_equals_cpu_run(gpu_images):
     """The same configuration on the GPU and on the CPU (same batches, same augmentation) agrees."""
     with exact_float32():
         g = train(make_trainer(gpu_images, "cnn", "dsgd", "vmap", augment=True))
-    cpu_data = images()
+    cpu_data = images(256, 64, (3, 16, 16))
     c = train(make_trainer(cpu_data, "cnn", "dsgd", "vmap", device=torch.device("cpu"), augment=True))
     assert rel(g.workers.X.cpu(), c.workers.X) < 1e-3
 

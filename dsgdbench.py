@@ -136,13 +136,14 @@ def run(
     if config is not None:
         kw = _merge_toml(config, kw, ctx)
         # Two keys of the file are CLI options rather than RunConfig fields.
-        toml_seeds = kw.pop("seeds", seeds)
-        seeds = ",".join(map(str, toml_seeds)) if isinstance(toml_seeds, list) else toml_seeds
-        force = bool(kw.pop("force", force))
+        seeds = kw.pop("seeds", seeds)  # a list, an int or a string like "0-4"
+        force = kw.pop("force", force)
+        if not isinstance(force, bool):
+            raise UserError(f"--config {str(config)!r}: force must be true or false (got {force!r})")
     base = RunConfig.from_dict(kw).validate()
     if base.procs > 1 and base.backend == "simulated":
         base = base.replace(backend="dist")
-    cfgs = [base.replace(seed=s) for s in (parse_seeds(seeds) if seeds else [base.seed])]
+    cfgs = [base.replace(seed=s) for s in (parse_seeds(seeds) if seeds is not None else [base.seed])]
     group, run_fn, quiet = contextlib.nullcontext(), run_one, False
     if base.backend == "dist":
         from bench import distributed

@@ -201,6 +201,10 @@ class RunConfig:
         if not 0 <= self.gamma_min <= 1:
             raise UserError(f"--gamma-min must be in [0, 1] (got {self.gamma_min})")
         self.ac_start_value()
+        if not isinstance(self.hessian_samples, int) or self.hessian_samples < 0:
+            raise UserError(f"--hessian-samples must be an integer >= 0 (got {self.hessian_samples}); 0 = the default rule")
+        if len(self.betas) != 2:
+            raise UserError(f"--betas: give exactly 2 numbers (got {list(self.betas)})")
         if self.eval_every < 0:
             raise UserError(f"--eval-every must be >= 0 (got {self.eval_every})")
         if not 0 <= self.val_fraction < 1:
@@ -266,6 +270,8 @@ def _coerce(name: str, typ: str, v: Any) -> Any:
             raise bad
         return float(v)
     if base == "str":
+        if name == "ac_start" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            return str(v)  # a fraction of training may be written as a TOML number
         if not isinstance(v, str):
             raise bad
         return v
@@ -291,11 +297,20 @@ def _hash(d: dict) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def parse_seeds(text: str) -> list[int]:
-    """'0,1,2' or '0-4' -> list of ints."""
+def parse_seeds(value, where: str = "--seeds") -> list[int]:
+    """Seeds from the command line ('0,1,2' or '0-4') or a TOML file (the same strings, an int or a list)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, list):
+        if not value or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in value):
+            raise UserError(f"{where}: seeds must be a non-empty list of integers in [0, 2^32), e.g. [0, 1, 2] "
+                            f"(got {value!r})")
+        return list(value)
+    if not isinstance(value, str):
+        raise UserError(f"{where} {value!r}: use a list like 0,1,2 or a range like 0-4")
     out: list[int] = []
     try:
-        for part in text.split(","):
+        for part in value.split(","):
             part = part.strip()
             if "-" in part[1:]:
                 a, b = part.split("-", 1)
@@ -303,11 +318,9 @@ def parse_seeds(text: str) -> list[int]:
             elif part:
                 out.append(int(part))
     except ValueError:
-        raise UserError(f"--seeds {text!r}: use a list like 0,1,2 or a range like 0-4") from None
+        raise UserError(f"{where} {value!r}: use a list like 0,1,2 or a range like 0-4") from None
     if not out:
-        raise UserError("--seeds is empty")
+        raise UserError(f"{where} is empty")
     if any(not 0 <= s < 2**32 for s in out):
-        raise UserError(f"--seeds {text!r}: seeds are integers in [0, 2^32)")
+        raise UserError(f"{where} {value!r}: seeds are integers in [0, 2^32)")
     return out
-
-

@@ -264,8 +264,6 @@ def load_init(module: nn.Module, path: str) -> dict:
     Tensors whose name and shape match are copied; the rest (e.g. a 1000-class ImageNet head
     when training on 10 classes) keep their fresh initialisation. Returns counts of both.
     """
-    import torch
-
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a file that is not a torch checkpoint

@@ -215,15 +215,7 @@ def _string(data: dict, key: str, default: str, source: str) -> str:
 
 
 def _suite_seeds(v: Any, where: str) -> tuple[int, ...]:
-    if isinstance(v, str):
-        return tuple(parse_seeds(v))
-    if isinstance(v, int) and not isinstance(v, bool):
-        v = [v]
-    if (not isinstance(v, list) or not v
-            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in v)):
-        raise UserError(f"{where}: seeds must be a non-empty list of integers in [0, 2^32), e.g. [0, 1, 2] "
-                        f"(got {v!r})")
-    return tuple(dict.fromkeys(v))
+    return tuple(dict.fromkeys(parse_seeds(v, f"{where}: seeds")))
 
 
 def _table(table: Any, where: str) -> dict:

@@ -54,6 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from bench.config import EXECUTORS, PRECISIONS
 from bench.errors import UserError
 
 
@@ -125,7 +126,6 @@ class ParamLayout:
         return torch.cat(ids).to(device), nxt
 
 
-EXECUTORS = ("auto", "native", "vmap", "loop")
 
 
 def channels_last_input(x: torch.Tensor, executor: str) -> torch.Tensor:
@@ -184,8 +184,8 @@ class Workers:
             raise UserError(f"--executor native: model {type(self.module).__name__} has no batched forward; "
                             f"use vmap or loop")
         self.executor = executor
-        if precision not in ("fp32", "bf16"):
-            raise UserError(f"unknown precision {precision!r}; valid: fp32, bf16")
+        if precision not in PRECISIONS:
+            raise UserError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
         self.precision = precision
         self.channels_last = bool(channels_last)
         self.compile = bool(compile)
@@ -277,18 +277,20 @@ class Workers:
         self._compile_ok.add(key)
         return out
 
-    def logits(self, P: torch.Tensor, x: torch.Tensor, mode: str = "train", rows: slice = slice(None)) -> torch.Tensor:
+    def logits(self, P: torch.Tensor, x: torch.Tensor, mode: str = "train") -> torch.Tensor:
         """Logits [n, B, K] of every worker on its own batch x [n, B, ...], parameters P [n, d].
 
         mode: "train" (batch statistics, running buffers updated), "frozen" (batch statistics,
         buffers untouched), "eval" (running statistics). Runs under the autocast of
-        `precision`; the logits may be bfloat16 then. rows: which rows of the BN buffers
-        P and x belong to (a chunk of the local workers; default all).
+        `precision`; the logits may be bfloat16 then.
         """
-        return self._logits(self.layout.views(P), x, mode, rows)
+        return self._logits(self.layout.views(P), x, mode, slice(None))
 
     def _logits(self, pv, x: torch.Tensor, mode: str, rows: slice) -> torch.Tensor:
-        """logits() from parameters pv: {name: [m, *shape]}, or (loop) a list of m {name: shape} dicts."""
+        """logits() from parameters pv: {name: [m, *shape]}, or (loop) a list of m {name: shape} dicts.
+
+        rows: which rows of the BN buffers pv and x belong to (a chunk of the local workers).
+        """
         bufs = {k: v[rows] for k, v in self.buffers.items()}  # views: in-place updates reach self.buffers
         if mode == "frozen" and self.executor != "native":
             bufs = {k: v.clone() for k, v in bufs.items()}  # statistics updated into throw-away copies
@@ -372,11 +374,8 @@ class Workers:
             leaves = self._leaves(P[rows].detach())
             out = self._logits(leaves, x[rows], mode, rows)
             m, B, K = out.shape
-            if out.dtype in (torch.bfloat16, torch.float16):
-                out = out.float()  # the loss and everything after it in float32
-            with self.autocast():
-                lk = F.cross_entropy(out.reshape(m * B, K), y[rows].reshape(-1), reduction="none")
-                lk = lk.view(m, B).mean(1)
+            out = out.float()  # the loss and everything after it in float32 (a no-op for fp32 logits)
+            lk = F.cross_entropy(out.reshape(m * B, K), y[rows].reshape(-1), reduction="none").view(m, B).mean(1)
             per_worker = leaves if isinstance(leaves, list) else [leaves]
             tensors = [t for d in per_worker for t in d.values()]
             grads = iter(torch.autograd.grad(lk.sum(), tensors, allow_unused=True))

@@ -26,6 +26,8 @@ from typer.testing import CliRunner
 
 import algorithms
 import topologies
+from bench.config import RunConfig
+from bench.errors import UserError
 from bench.data import DATASETS
 from bench.models import MODELS
 from dsgdbench import app
@@ -406,6 +408,11 @@ BAD_RUN_ARGS = {
     "val-fraction": (["--val-fraction", "1.0"], ("--val-fraction",)),
     "device": (["--device", "tpu"], ("--device", "tpu")),
     "lr0": (["--lr", "0"], ("--lr",)),
+    "hessian-samples": (["--hessian-samples=-1"], ("--hessian-samples",)),
+    "precision": (["--precision", "fp16"], ("--precision", "bf16")),
+    "executor": (["--executor", "vamp"], ("--executor", "vmap")),
+    "init-missing": (["--init", "no_such_weights.pt"], ("--init", "no such file")),
+    "augment-signals": (["--augment"], ("--augment", "image")),
     "cifar-missing": (["--dataset", "cifar10", "--data-dir", "{empty}"], ("cifar10", "--data-dir")),
 }
 
@@ -631,3 +638,24 @@ def test_config_wrong_value_type(tmp_path, monkeypatch):
     cfg.write_text(f'dataset = "synthetic"\nworkers = 2\nbatch = 8\nsteps = 5\nlr = "fast"\n'
                    f'results = "{root.as_posix()}"\n')
     assert_user_error(cli_argv(monkeypatch, "run", "--config", cfg), "lr")
+
+
+def test_config_seeds_and_force(tmp_path, monkeypatch):
+    """seeds in the file as an int, a list or a range string; force must be a boolean."""
+    root = tmp_path / "res"
+    assert_ok(cli_argv(monkeypatch, "run", "--config", _toml(tmp_path / "a.toml", root, seeds=3)))
+    assert_ok(cli_argv(monkeypatch, "run", "--config", _toml(tmp_path / "b.toml", root, seeds='"0-1"')))
+    assert sorted(s["seed"] for s in summaries(root)) == [0, 1, 3]
+    before = snapshot(root)
+    for extra, words in (({"seeds": "[]"}, ("seeds",)), ({"seeds": '"x"'}, ("seeds",)),
+                         ({"seeds": "true"}, ("seeds",)), ({"force": '"no"'}, ("force",)),
+                         ({"betas": "[0.9]"}, ("--betas", "2"))):
+        assert_user_error(cli_argv(monkeypatch, "run", "--config", _toml(tmp_path / "c.toml", root, **extra)),
+                          *words)
+    assert snapshot(root) == before
+
+
+def test_toml_ac_start_may_be_a_number():
+    assert RunConfig.from_dict({"ac_start": 0.1}).validate().ac_start_value() == ("fraction", 0.1)
+    with pytest.raises(UserError, match="ac_start"):
+        RunConfig.from_dict({"ac_start": True})

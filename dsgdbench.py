@@ -53,6 +53,12 @@ def _floats(text: Optional[str], name: str, count: Optional[int] = None):
     return v
 
 
+def _keys(texts) -> list[str]:
+    """Comma-separated names, from one option or a repeated one ("algo,topology" or ["lr", "rho"])."""
+    texts = [texts] if isinstance(texts, str) else texts or []
+    return [k.strip() for t in texts for k in t.split(",") if k.strip()]
+
+
 @app.command()
 def run(
     ctx: typer.Context,
@@ -179,7 +185,7 @@ def _run_with_progress(run_fn, cfg, force: bool, quiet: bool):
 
 def _merge_toml(path: Path, flags: dict, ctx) -> dict:
     """TOML values, overridden by the flags the user typed on the command line."""
-    import tomllib
+    from bench.suites import tomllib  # tomllib, or tomli before Python 3.11
 
     try:
         data = tomllib.loads(path.read_text())
@@ -233,14 +239,14 @@ def compare(
         fmt = lb.format_from_path(str(out_file))
     metrics = lb.DEFAULT_COLUMNS
     if columns:
-        metrics = tuple(c.strip() for c in columns.split(",") if c.strip())
+        metrics = tuple(_keys(columns))
         bad = [c for c in metrics if c not in lb.COLUMNS]
         if bad:
             raise UserError(f"--columns: unknown metric {bad[0]!r}; valid: {', '.join(lb.COLUMNS)}")
-    tune_keys = [k.strip() for t in tune or [] for k in t.split(",") if k.strip()]
+    tune_keys = _keys(tune)
     df = lb.runs_frame(results_dir, warn=lambda m: err.print(f"[yellow]warning:[/yellow] {m}"))
     selected = lb.tune_runs(df, tune_keys)[0] if tune_keys else df
-    numeric, display = lb.leaderboard(selected, [b.strip() for b in by.split(",")] if by else None, metrics,
+    numeric, display = lb.leaderboard(selected, _keys(by) or None, metrics,
                                       baseline=baseline, target_acc=target_acc, tuned=tune_keys)
     if out_file is not None:
         text = lb.render(numeric, display, fmt)
@@ -491,10 +497,10 @@ def plot(
     df = lb.runs_frame(results_dir, warn=lambda m: err.print(f"[yellow]warning:[/yellow] {m}"))
     if df.empty:
         raise UserError(f"no finished runs in {results_dir!r}; run `dsgdbench run` first or pass the folder")
-    tune_keys = [k.strip() for t in tune or [] for k in t.split(",") if k.strip()]
+    tune_keys = _keys(tune)
     if tune_keys:
         df = lb.tune_runs(df, tune_keys)[0]
-    keys = [b.strip() for b in by.split(",") if b.strip()] if by else None
+    keys = _keys(by) or None
     paths = make_plots(df, out_dir if out_dir is not None else Path(results_dir) / "plots", by=keys,
                        note=lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True))
     for p in paths:

@@ -85,7 +85,6 @@ COSTS = {
 COLUMNS = (*METRICS, *COSTS)
 # As in the DSGD-AC paper: accuracy, loss, sharpness, computation, plus communication and time.
 DEFAULT_COLUMNS = ("test_acc", "test_loss", "top_eig", "computation", "bytes_per_step", "train_seconds")
-DEFAULT_METRICS = DEFAULT_COLUMNS
 # Metrics that get paired differences with --baseline (the display shows the first).
 PAIRED = ("test_acc", "test_loss", "top_eig")
 LABEL_KEYS = ("algo", "topology", "workers", "total_batch")
@@ -160,6 +159,8 @@ def runs_frame(root: str, warn=None) -> pd.DataFrame:
         try:
             cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
         except (json.JSONDecodeError, UnicodeDecodeError):
+            cfg = {}
+        if not isinstance(cfg, dict):  # valid JSON, but not a configuration
             cfg = {}
         row = {k: v for k, v in s.items() if not isinstance(v, (dict, list))}
         row.update({f"cfg.{k}": json.dumps(v) if isinstance(v, list) else v for k, v in cfg.items()})
@@ -370,7 +371,7 @@ def time_to_target(df: pd.DataFrame, target: float) -> pd.DataFrame:
         run_dir = r.get("run_dir")
         if r.get("status") == "completed" and isinstance(run_dir, str):
             try:
-                m = pd.read_csv(Path(run_dir) / "metrics.csv")
+                m = results.load_metrics(run_dir)
             except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
                 m = pd.DataFrame()
             if {"step", "test_acc"} <= set(m.columns):

@@ -170,17 +170,13 @@ def run(
 
 
 def _run_with_progress(run_fn, cfg, force: bool, quiet: bool):
+    from bench.runner import bar_progress
+
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err,
                   transient=True, disable=quiet or not err.is_terminal) as bar:
         task = bar.add_task(f"{cfg.algo} {cfg.topology} seed {cfg.seed}", total=None, info="")
-
-        def cb(step, total, info):
-            if step == 1 or step % 10 == 0 or step == total:
-                acc = f" test {info['test_acc']:.1f}%" if info.get("test_acc") is not None else ""
-                bar.update(task, completed=step, total=total, info=f"loss {info['loss']:.3f}{acc}")
-
-        return run_fn(cfg, progress=cb, force=force)
+        return run_fn(cfg, progress=bar_progress(bar, task), force=force)
 
 
 def _merge_toml(path: Path, flags: dict, ctx) -> dict:

@@ -38,6 +38,16 @@ HESSIAN_PROTOCOL = ("x_bar after BatchNorm recalibration, eval mode; mean cross-
                     "seed 0), no augmentation; start vector seed 0")
 
 
+def bar_progress(bar, task) -> Progress:
+    """A progress callback showing the step, the loss and the latest test accuracy on a rich progress task."""
+    def update(step: int, total: int, info: dict) -> None:
+        if step == 1 or step % 10 == 0 or step == total:
+            acc = f"  test {info['test_acc']:.1f}%" if info.get("test_acc") is not None else ""
+            bar.update(task, completed=step, total=total, info=f"loss {info['loss']:.3f}{acc}")
+
+    return update
+
+
 def device_of(cfg: RunConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")

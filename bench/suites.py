@@ -540,7 +540,7 @@ def execute(p: Plan, out, err) -> dict:
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from bench.runner import run as run_one
+    from bench.runner import bar_progress, run as run_one
 
     results_io.prepare_results_dir(p.results)
     todo = p.todo
@@ -559,13 +559,7 @@ def execute(p: Plan, out, err) -> dict:
                 c = r.resolved
                 bar.update(steps_task, description=f"{c.algo} {c.topology} seed {c.seed}", completed=0,
                            total=c.steps, info="")
-
-                def progress(step, total, info, _task=steps_task):
-                    if step == 1 or step % 10 == 0 or step == total:
-                        acc = f"  test {info['test_acc']:.1f}%" if info.get("test_acc") is not None else ""
-                        bar.update(_task, completed=step, total=total, info=f"loss {info['loss']:.3f}{acc}")
-
-                s = run_one(r.cfg, progress=progress, force=p.force)
+                s = run_one(r.cfg, progress=bar_progress(bar, steps_task), force=p.force)
                 position += 1
                 if s.get("skipped"):  # finished in the meantime (another process)
                     counts["skipped"] += 1

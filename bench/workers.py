@@ -374,7 +374,8 @@ class Workers:
             leaves = self._leaves(P[rows].detach())
             out = self._logits(leaves, x[rows], mode, rows)
             m, B, K = out.shape
-            out = out.float()  # the loss and everything after it in float32 (a no-op for fp32 logits)
+            if out.dtype in (torch.bfloat16, torch.float16):
+                out = out.float()  # the loss and everything after it in float32
             lk = F.cross_entropy(out.reshape(m * B, K), y[rows].reshape(-1), reduction="none").view(m, B).mean(1)
             per_worker = leaves if isinstance(leaves, list) else [leaves]
             tensors = [t for d in per_worker for t in d.values()]

@@ -40,11 +40,12 @@ class ADSAM:
         return self.sigma * sq.sqrt().index_select(1, self.filter_ids)
 
     def noise(self, X: torch.Tensor, ctx, m: int) -> torch.Tensor:
-        z = torch.empty_like(X)
+        # Drawn in float32 whatever X's dtype, so that a float64 run samples the same noise.
+        z = torch.empty(X.shape, dtype=torch.float32, device=X.device)
         for row, w in enumerate(ctx.comm.workers):
             gen = torch.Generator(device=X.device).manual_seed(noise_seed(ctx.seed, w, ctx.step, m))
             z[row].normal_(generator=gen)
-        return z
+        return z.to(X.dtype)
 
     def __call__(self, workers, X, x, y, ctx):
         if self.sigma == 0:

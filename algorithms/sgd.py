@@ -21,11 +21,13 @@ class SGD:
         self.wd = cfg.weight_decay
         self.wd_vec = None
         if self.wd and not cfg.wd_1d:
-            self.wd_vec = (~layout.one_d_mask(device)).float() * self.wd
+            self.wd_vec = (~layout.one_d_mask(device)).double() * self.wd  # cast to X's dtype at first use
         self.m = None
 
     def direction(self, X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         g = G
+        if self.wd_vec is not None and self.wd_vec.dtype != X.dtype:
+            self.wd_vec = self.wd_vec.to(X.dtype)
         if self.wd:
             g = G + X * self.wd_vec if self.wd_vec is not None else G.add(X, alpha=self.wd)
         if self.mu == 0:

@@ -32,21 +32,21 @@ class Mixer:
         self.device = device
         self._plans: dict[int, tuple] = {}
 
-    def plan(self, t: int):
-        key = t % self.topology.period
+    def plan(self, t: int, dtype=torch.float32):
+        key = (t % self.topology.period, dtype)
         p = self._plans.get(key)
         if p is None:
-            if self.topology.is_uniform(key):
+            if self.topology.is_uniform(key[0]):
                 p = ("mean", None, None)
             else:
-                idx, w = self.topology.neighbors(key)
+                idx, w = self.topology.neighbors(key[0])
                 p = ("gather", torch.as_tensor(idx, device=self.device),
-                     torch.as_tensor(w, dtype=torch.float32, device=self.device))
+                     torch.as_tensor(w, dtype=dtype, device=self.device))  # weights in X's dtype
             self._plans[key] = p
         return p
 
     def __call__(self, X: torch.Tensor, t: int) -> torch.Tensor:
-        kind, idx, w = self.plan(t)
+        kind, idx, w = self.plan(t, X.dtype)
         if kind == "mean":
             return X.mean(0, keepdim=True).expand_as(X).clone()
         out = X * w[:, :1]  # column 0 is the diagonal

@@ -24,7 +24,7 @@ DEVICES = ("cpu", "cuda")
 # Fields that do not change what a run computes: left out of the run id and of grouping.
 NON_SEMANTIC = ("results", "data_dir", "download", "device", "executor", "force", "backend", "procs",
                 "dist_timeout", "channels_last", "compile")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp64")
 EXECUTORS = ("auto", "native", "vmap", "loop")
 
 
@@ -40,7 +40,7 @@ class RunConfig:
     seed: int = 0
     init: Optional[str] = None  # state_dict file (torch.save) to start every worker from
     augment: bool = False  # random crop (pad 4) + horizontal flip per sample, on the device (image data)
-    precision: str = "fp32"  # fp32 | bf16 (autocast for forward/backward; parameters and mixing in fp32)
+    precision: str = "fp32"  # fp32 | bf16 (autocast for forward/backward; parameters and mixing in fp32) | fp64 (everything)
     # components (None: the preset's)
     grad: Optional[str] = None
     opt: Optional[str] = None

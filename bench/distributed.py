@@ -72,11 +72,18 @@ def _ring_allreduce_bytes(numel: int, element_size: int, P: int) -> float:
 class _Plan:
     kind: str  # "p2p" | "mean" | "gather"
     idx: Optional[torch.Tensor] = None  # [m, k] rows of the buffer the sum reads (ext for p2p, full for gather)
-    w: Optional[torch.Tensor] = None  # [m, k] float32 weights, column 0 the diagonal
+    w: Optional[torch.Tensor] = None  # [m, k] float64 weights, column 0 the diagonal
     sends: list = field(default_factory=list)  # [(peer rank, local row indices tensor)]
     recvs: list = field(default_factory=list)  # [(peer rank, first row in ext, row count)]
     ext_rows: int = 0
     rows_sent: int = 0
+    _cast: dict = field(default_factory=dict)
+
+    def weights(self, dtype) -> torch.Tensor:
+        """w in the dtype of the rows it multiplies (float32 runs: the simulator's float32 weights)."""
+        if dtype not in self._cast:
+            self._cast[dtype] = self.w.to(dtype)
+        return self._cast[dtype]
 
 
 def exchange_lists(W: np.ndarray, P: int) -> list[list[np.ndarray]]:
@@ -140,7 +147,7 @@ class DistComm:
             return _Plan("mean")
         idx, w = topo.neighbors(key)
         idx, w = idx[lo:lo + m], w[lo:lo + m]
-        w_t = torch.as_tensor(w, dtype=torch.float32, device=self.device)
+        w_t = torch.as_tensor(w, dtype=torch.float64, device=self.device)
         need = exchange_lists(topo.weights(key), P)
         every_pair = all(len(need[a][b]) for a in range(P) for b in range(P) if a != b)
         if P > 1 and every_pair and idx.shape[1] > self.n / 2:
@@ -223,9 +230,10 @@ class DistComm:
                 for work in dist.batch_isend_irecv(ops):
                     work.wait()
         self.bytes_sent += p.rows_sent * d * es
-        out = local * p.w[:, :1]  # column 0 is the diagonal
+        w = p.weights(X.dtype)
+        out = local * w[:, :1]  # column 0 is the diagonal
         for s in range(1, p.idx.shape[1]):
-            out.addcmul_(buf.index_select(0, p.idx[:, s]), p.w[:, s:s + 1])
+            out.addcmul_(buf.index_select(0, p.idx[:, s]), w[:, s:s + 1])
         return out
 
     def mean(self, X: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,14 @@ import torch.nn.functional as F
 from bench.data import Dataset
 
 
+def model_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x in the dtype of the module's parameters when both are floating (float64 models: precision fp64)."""
+    p = next(module.parameters(), None)
+    if p is not None and x.is_floating_point() and p.dtype == torch.float64:
+        return x.to(p.dtype)
+    return x
+
+
 def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
@@ -30,7 +38,7 @@ def recalibrate_bn(module: nn.Module, data: Dataset, idx: torch.Tensor, batch: i
         m.momentum = None
     module.train()
     for s in range(0, len(idx) - batch + 1, batch):
-        module(data.prepare(data.x_train[idx[s:s + batch]]))
+        module(model_input(module, data.prepare(data.x_train[idx[s:s + batch]])))
     for m, mom in zip(bns, saved):
         m.momentum = mom
     module.eval()
@@ -42,7 +50,7 @@ def evaluate(module: nn.Module, data: Dataset, x: torch.Tensor, y: torch.Tensor,
     module.eval()
     correct, loss_sum = 0, 0.0
     for s in range(0, len(y), batch):
-        out = module(data.prepare(x[s:s + batch]))
+        out = module(model_input(module, data.prepare(x[s:s + batch])))
         loss_sum += F.cross_entropy(out.float(), y[s:s + batch], reduction="sum").item()
         correct += (out.argmax(1) == y[s:s + batch]).sum().item()
     return 100.0 * correct / len(y), loss_sum / len(y)
@@ -60,6 +68,6 @@ def flops_per_grad(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
 
     module.train()
     with FlopCounterMode(display=False) as fc:
-        F.cross_entropy(module(x), y).backward()
+        F.cross_entropy(module(model_input(module, x)), y).backward()
     module.zero_grad(set_to_none=True)
     return int(fc.get_total_flops())

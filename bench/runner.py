@@ -109,7 +109,7 @@ class Trainer:
         g = np.random.default_rng(0)
         k = min(len(data.y_train), cfg.eval_train_samples)
         self.train_subset = torch.from_numpy(np.sort(g.permutation(len(data.y_train))[:k])).to(device)
-        self.bytes_per_step = rule_cls.sends_per_step(n, self.topology) * param_bytes(self.workers.layout)
+        self.bytes_per_step = rule_cls.sends_per_step(n, self.topology) * param_bytes(self.workers.layout, self.workers.dtype)
         self.writer = self.comm.rank == 0  # only one process writes results
 
     def lr(self, t: int) -> float:

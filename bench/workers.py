@@ -1,6 +1,6 @@
 """The n workers' models as one flat parameter buffer, and the executors that run them.
 
-Parameters of all workers live in one float32 tensor X of shape [n, d] (row i is
+Parameters of all workers live in one float32 (float64 with precision "fp64") tensor X of shape [n, d] (row i is
 worker i's flattened parameters, in the module's named_parameters order). Gossip
 is then one operation on X, the average model is X.mean(0) and the consensus
 distance one reduction. BatchNorm running statistics are per-worker buffers of
@@ -32,6 +32,9 @@ Numerics options (none changes what a run computes beyond rounding; none is in t
 except precision):
   precision "bf16"  torch.autocast(bfloat16) around forward and loss; parameters, BN
                     buffers, gradients and losses stay float32.
+  precision "fp64"  the module, X, BN buffers, inputs, gradients and optimizer state in
+                    float64. Executors and backends then agree to ~1e-13 instead of float32's
+                    machine-dependent ~1e-6: the equality tests run in it.
   channels_last     4-D image inputs laid out NHWC per worker (loop) or as
                     [B, H, W, n, C] (vmap, native: the grouped convolution over n*C
                     channels then sees a channels-last input); 4-D weights channels-last
@@ -164,7 +167,8 @@ class Workers:
 
     def __init__(self, module: nn.Module, n_local: int, executor: str = "auto", device="cpu",
                  precision: str = "fp32", channels_last: bool = False, compile: bool = False, log=None):
-        self.module = module.to(device)
+        self.dtype = torch.float64 if precision == "fp64" else torch.float32
+        self.module = module.to(device, self.dtype)
         self.eval_module = copy.deepcopy(self.module)  # holds x_bar for evaluation; never used for training
         self.layout = ParamLayout(self.module)
         self.n = n_local
@@ -295,6 +299,8 @@ class Workers:
         if mode == "frozen" and self.executor != "native":
             bufs = {k: v.clone() for k, v in bufs.items()}  # statistics updated into throw-away copies
         self.module.train(mode != "eval")
+        if self.dtype == torch.float64 and x.is_floating_point():
+            x = x.double()  # fp64: inputs follow the parameters (data sets are stored as float32/uint8)
         if self.channels_last and x.dim() == 5:
             x = channels_last_input(x, self.executor)
         with self.autocast():
@@ -323,7 +329,7 @@ class Workers:
         return out
 
     def loss_and_grad(self, P: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mode: str = "train"):
-        """Per-worker mean cross-entropy [n] and its gradient [n, d] at P [n, d], both float32.
+        """Per-worker mean cross-entropy [n] and its gradient [n, d] at P [n, d], both in X's dtype.
 
         Workers are independent, so the gradient of the sum of the workers' losses is,
         row by row, each worker's own gradient. `chunk` workers go through one forward and

@@ -26,7 +26,18 @@ from bench.runner import Trainer, run
 from bench.workers import Workers
 
 CPU = torch.device("cpu")
-EQ = dict(rtol=1e-5, atol=1e-6)  # float32 run vs float32 run (or vs float64 reference over a few steps)
+# Every run here is in float64 (precision "fp64"), and so is every reference. Error budget: float64's
+# unit roundoff is 1.1e-16; a run of <= 20 steps amplifies rounding at most ~1e3-fold (measured worst
+# case: LAMB's division by sqrt(v) + eps, 100-fold in float32), so correct code agrees to ~1e-13
+# relative on any CPU and thread count. 1e-9 leaves a 1e4 margin, while a wrong constant of relative
+# size 1e-6 anywhere in a rule moves the parameters by ~1e-7 relative (test_tolerance_catches_*).
+EQ = dict(rtol=1e-9, atol=1e-12)
+
+
+@pytest.fixture
+def tiny_cfg(tiny_cfg):
+    """conftest's tiny configuration, in float64 (see EQ)."""
+    return tiny_cfg.replace(precision="fp64")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,7 +127,7 @@ def test_dsgd_atc_on_complete_equals_csgd(tiny_cfg, synthetic, nesterov):
     X_d = run_steps(cfg.replace(algo="dsgd", topology="complete", order="atc"), synthetic)
     torch.testing.assert_close(X_d, X_c, **EQ)
     # every worker holds the one C-SGD model
-    torch.testing.assert_close(X_d, X_d[:1].expand_as(X_d), rtol=0, atol=1e-7)
+    torch.testing.assert_close(X_d, X_d[:1].expand_as(X_d), rtol=0, atol=1e-12)
     # the default order (mix, then the local step) is NOT C-SGD: workers drift apart
     X_cta = run_steps(cfg.replace(algo="dsgd", topology="complete", order="cta"), synthetic)
     assert (X_cta - X_c).abs().max() > 1e-4
@@ -137,7 +148,7 @@ def test_single_worker_equals_torch_sgd(tiny_cfg, synthetic, algo, topology, nes
         do_step(tr, t)
     lrs = [cosine(t, cfg.lr, T) for t in range(T)]
     ref = torch_sgd_reference(tr.workers.module, batches, lrs, 0.9, 5e-4, nesterov)
-    torch.testing.assert_close(tr.workers.X[0].double(), ref, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(tr.workers.X[0].double(), ref, **EQ)
     assert (ref - flat(tr.workers.module).double()).abs().max() > 1e-3  # it did train
 
 
@@ -159,7 +170,7 @@ def test_no_weight_decay_on_1d_parameters(tiny_cfg, synthetic):
         opt.zero_grad()
         F.cross_entropy(m(x.double()), y).backward()
         opt.step()
-    torch.testing.assert_close(tr.workers.X[0].double(), flat(m), rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(tr.workers.X[0].double(), flat(m), **EQ)
     everywhere = torch_sgd_reference(tr.workers.module, batches, [cfg.lr] * T, 0.9, wd, False)
     assert (everywhere - flat(m)).abs().max() > 1e-5
 
@@ -185,7 +196,7 @@ def test_gamma_zero_every_worker_runs_its_own_sgd(tiny_cfg, synthetic):
     lr = 0.1 * cfg.lr
     for i in range(4):
         ref = torch_sgd_reference(tr.workers.module, per_worker[i], [lr] * T, 0.9, 5e-4, False)
-        torch.testing.assert_close(tr.workers.X[i].double(), ref, rtol=1e-5, atol=2e-6)
+        torch.testing.assert_close(tr.workers.X[i].double(), ref, **EQ)
     assert (tr.workers.X[0] - tr.workers.X[1]).abs().max() > 1e-4  # the workers did not agree
 
 
@@ -208,7 +219,7 @@ def test_dsgd_steps_match_formula(tiny_cfg, synthetic, topology, n, order):
         W = torch.from_numpy(topo.weights(t))
         X = W @ X - lr * m if order == "cta" else W @ (X - lr * m)
         do_step(tr, t)
-        torch.testing.assert_close(tr.workers.X.double(), X, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(tr.workers.X.double(), X, **EQ)
 
 
 def test_dsgd_ac_never_started_equals_dsgd(tiny_cfg, synthetic):
@@ -236,7 +247,7 @@ def test_dsgd_ac_step_matches_formula(tiny_cfg, synthetic, gamma_min, expected):
     assert gamma == pytest.approx(expected, rel=1e-12)
     W = torch.from_numpy(topologies.get_topology("ring", 4).weights(0))
     expect = X + gamma * (W @ X - X) - lr * U
-    torch.testing.assert_close(tr.workers.X.double(), expect, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tr.workers.X.double(), expect, **EQ)
 
 
 def test_dsgd_ac_gamma_start_and_warmup():
@@ -275,7 +286,7 @@ def test_sam_step_matches_formula(tiny_cfg, synthetic, adaptive):
     G = grads64(tr.workers.module, X + eps, x, y)
     expect = X - cfg.lr * (G.mean(0, keepdim=True) + wd * X)
     do_step(tr, 0)
-    torch.testing.assert_close(tr.workers.X.double(), expect, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tr.workers.X.double(), expect, **EQ)
     # the perturbation matters at this tolerance
     plain = X - cfg.lr * (g.mean(0, keepdim=True) + wd * X)
     assert (plain - expect).abs().max() > 1e-5
@@ -335,7 +346,7 @@ def test_adsam_step_matches_formula(tiny_cfg, synthetic, mode, samples):
         G += grads64(tr.workers.module, X + S * Z, x, y) / samples
     expect = X - cfg.lr * (G.mean(0, keepdim=True) + wd * X)
     do_step(tr, t, lr=cfg.lr)
-    torch.testing.assert_close(tr.workers.X.double(), expect, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tr.workers.X.double(), expect, **EQ)
     g0 = grads64(tr.workers.module, X, x, y)
     assert (X - cfg.lr * (g0.mean(0, keepdim=True) + wd * X) - expect).abs().max() > 1e-6
 
@@ -418,7 +429,7 @@ def test_lamb_steps_match_reference(tiny_cfg, synthetic, clip):
             assert (float(G.norm()) > clip) == (clip == 0.5)  # clipping active at 0.5, not at 100
         X = X - lr * ref.direction(X[0], G)
         do_step(tr, t)
-        torch.testing.assert_close(tr.workers.X.double(), X.expand(n, -1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(tr.workers.X.double(), X.expand(n, -1), **EQ)
 
 
 def test_d_lamb_steps_match_formula(tiny_cfg, synthetic):
@@ -435,7 +446,7 @@ def test_d_lamb_steps_match_formula(tiny_cfg, synthetic):
         U = torch.stack([refs[i].direction(X[i], G[i]) for i in range(n)])
         X = W @ X - lr * U
         do_step(tr, t)
-        torch.testing.assert_close(tr.workers.X.double(), X, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(tr.workers.X.double(), X, **EQ)
 
 
 def _timm_lamb(module, lr, betas, eps, wd, always_adapt_2d=False):
@@ -485,10 +496,10 @@ def test_lamb_preset_single_worker_equals_timm_lamb(tiny_cfg, synthetic):
         x, y = tr.batch(t)
         opt.param_groups[0]["lr"] = opt.param_groups[1]["lr"] = cosine(t, lr, T)
         opt.zero_grad()
-        F.cross_entropy(module(x[0]), y[0]).backward()
+        F.cross_entropy(module(x[0].double()), y[0]).backward()
         opt.step()
         do_step(tr, t)
-    torch.testing.assert_close(tr.workers.X[0], flat(module), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tr.workers.X[0], flat(module), **EQ)
 
 
 def test_d_lamb_single_worker_on_complete_equals_lamb(tiny_cfg, synthetic):
@@ -513,9 +524,12 @@ def test_simulated_mix_equals_dense_product(name, n):
     comm = SimulatedComm(n, topo, CPU)
     g = torch.Generator().manual_seed(n)
     for t in range(2 * topo.period + 1):
-        X = torch.randn(n, 7, generator=g)
-        expect = torch.from_numpy(topo.weights(t)) @ X.double()
-        torch.testing.assert_close(comm.mix(X, t), expect.float(), rtol=0, atol=1e-6)
+        X = torch.randn(n, 7, generator=g, dtype=torch.float64)
+        expect = torch.from_numpy(topo.weights(t)) @ X
+        # at most n products of O(1) numbers summed: a few ulps of float64
+        torch.testing.assert_close(comm.mix(X, t), expect, rtol=1e-12, atol=1e-14)
+        # float32 rows are mixed with the same weights rounded to float32: ~1e-7
+        torch.testing.assert_close(comm.mix(X.float(), t), expect.float(), rtol=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,7 +575,7 @@ def _mlp_flops(batch: int, d_in: int = 16, width: int = 128, k: int = 4) -> int:
 def test_every_preset_runs_and_reports_costs(tiny_cfg, tmp_path, algo):
     n, samples = 4, 3
     cfg = tiny_cfg.replace(algo=algo, topology="ring", workers=n, steps=5, samples=samples, eval_every=1,
-                           lr=0.01 if "lamb" in algo else 0.1)
+                           lr=0.01 if "lamb" in algo else 0.1, precision="fp32")
     s = run(cfg, force=True)
     on_disk = json.loads((tmp_path / "results" / s["run_id"] / "summary.json").read_text())
     assert on_disk["status"] == "completed" and on_disk["steps"] == 5 and on_disk["algo"] == algo

@@ -20,7 +20,11 @@ from bench.workers import ParamLayout, Workers
 N = 3
 B = 4
 K = 5
-TOL = dict(rtol=1e-5, atol=1e-5)
+# Workers and their references run in float64 (precision "fp64"): one forward/backward of these
+# models differs between kernels (grouped vs plain convolution, batched vs plain matmul) by a few
+# float64 ulps on any CPU and thread count; 1e-12 keeps a 1e3 margin and is still 1e5 below the
+# effect of a wrong weight, buffer or worker row (O(1e-2) here).
+TOL = dict(rtol=1e-12, atol=1e-12)
 
 BATCHED = [("mlp", (1, 16)), ("cnn1d", (1, 16)), ("cnn1d", (1, 40)), ("cnn", (1, 8, 8)), ("cnn", (3, 8, 8))]
 IDS = [f"{m}-{'x'.join(map(str, s))}" for m, s in BATCHED]
@@ -33,21 +37,21 @@ def make_pair(name, shape, seed=0):
     parameters (rows of X perturbed differently) and its own BatchNorm buffers."""
     torch.manual_seed(seed)
     module = build_model(name, shape, K)
-    native = Workers(module, N, executor="native")
-    loop = Workers(copy.deepcopy(module), N, executor="loop")
+    native = Workers(module, N, executor="native", precision="fp64")
+    loop = Workers(copy.deepcopy(module), N, executor="loop", precision="fp64")
     assert native.executor == "native" and loop.executor == "loop"
     g = torch.Generator().manual_seed(seed + 1)
-    X = native.X + 0.05 * torch.randn(native.X.shape, generator=g)
+    X = native.X + 0.05 * torch.randn(native.X.shape, generator=g, dtype=torch.float64)
     assert not torch.equal(X[0], X[1])
     native.X, loop.X = X.clone(), X.clone()
     for k, v in native.buffers.items():
         if k.endswith("running_var"):
-            new = 0.5 + torch.rand(v.shape, generator=g)
+            new = 0.5 + torch.rand(v.shape, generator=g, dtype=v.dtype)
         else:
-            new = 0.3 * torch.randn(v.shape, generator=g)
+            new = 0.3 * torch.randn(v.shape, generator=g, dtype=v.dtype)
         native.buffers[k] = new.clone()
         loop.buffers[k] = new.clone()
-    x = torch.randn(N, B, *shape, generator=g)
+    x = torch.randn(N, B, *shape, generator=g, dtype=torch.float64)
     y = torch.randint(0, K, (N, B), generator=g)
     return native, loop, x, y
 
@@ -233,12 +237,12 @@ def test_large_models_run_with_loop_executor(name):
         assert name[5:] in timm.list_models()
     torch.manual_seed(0)
     module = build_model(name, (3, 32, 32), 10)
-    w = Workers(module, 2, executor="auto")
+    w = Workers(module, 2, executor="auto", precision="fp64")
     assert w.executor == "loop"
     assert w.buffers, "both models have BatchNorm"
     g = torch.Generator().manual_seed(0)
-    w.X = w.X + 0.01 * torch.randn(w.X.shape, generator=g)
-    x = torch.randn(2, 2, 3, 32, 32, generator=g)
+    w.X = w.X + 0.01 * torch.randn(w.X.shape, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 2, 3, 32, 32, generator=g, dtype=torch.float64)
     y = torch.randint(0, 10, (2, 2), generator=g)
     ref = worker_module(w, 1).train()
     if name == "resnet18":
@@ -246,20 +250,20 @@ def test_large_models_run_with_loop_executor(name):
             out = w.logits(w.X, x, "train")
             expect = ref(x[1])
         assert out.shape == (2, 2, 10)
-        torch.testing.assert_close(out[1], expect, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[1], expect, **TOL)
     else:
         losses, G = w.loss_and_grad(w.X, x, y, "train")
         assert losses.shape == (2,) and G.shape == (2, w.layout.d)
         assert torch.isfinite(G).all() and G.abs().sum() > 0
         loss = F.cross_entropy(ref(x[1]), y[1])
         loss.backward()
-        torch.testing.assert_close(losses[1], loss.detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(losses[1], loss.detach(), **TOL)
         g_ref = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
-        torch.testing.assert_close(G[1], g_ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(G[1], g_ref, **TOL)
     # the train pass updated worker 1's running statistics exactly as the module's own pass did
     mb = dict(ref.named_buffers())
     for k, v in w.buffers.items():
-        torch.testing.assert_close(v[1], mb[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(v[1], mb[k], **TOL)
 
 
 def test_build_model_errors():

@@ -1,5 +1,6 @@
 """Sharpness metrics: exact Hessians on tiny models, HVP methods agree, nothing is changed; landscapes."""
 
+import copy
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ from torch.func import functional_call
 from bench import metrics, results
 from bench.data import Dataset
 from bench.errors import UserError
-from bench.hessian import HVP, hessian_subset, hessian_trace, measure_sharpness, top_eigenvalue
+from bench.hessian import HVP, ScaledHVP, hessian_subset, hessian_trace, measure_sharpness, top_eigenvalue
 from bench.landscape import (ALPHA_LABEL, load_run_model, loss_curve, loss_surface, plot_landscape,
                              random_direction)
 from bench.models import MODELS, build_model
@@ -113,6 +114,103 @@ def test_quadratic_known_spectrum():
     assert top_eigenvalue(lambda v: B @ v, d, method="lanczos")["top_eig"] == pytest.approx(5.0, rel=1e-3)
 
 
+def close_top_pair(d=20, c1=0.3, c2=0.6, seed=0):
+    """A symmetric A (float64) with eigenvalues 10 and 9.9 on top, the rest in [0, 5], whose
+    eigenvectors are placed so that top_eigenvalue's start vector (default_rng(seed), normalised)
+    has components c1 on the top eigenvector and c2 > c1 on the second: the trap for power iteration."""
+    v0 = np.random.default_rng(seed).standard_normal(d)
+    v0 /= np.linalg.norm(v0)
+
+    def reflect(a):  # the Householder reflection that swaps e1 and the unit vector a (symmetric, orthogonal)
+        u = np.eye(d)[0] - a
+        return np.eye(d) - 2 * np.outer(u, u) / (u @ u)
+
+    c = np.concatenate([[c1, c2], np.full(d - 2, np.sqrt((1 - c1 ** 2 - c2 ** 2) / (d - 2)))])
+    U = reflect(v0) @ reflect(c)  # U^T v0 = reflect(c) e1 = c
+    spectrum = np.concatenate([[10.0, 9.9], np.linspace(0.0, 5.0, d - 2)])
+    A = U @ np.diag(spectrum) @ U.T
+    np.testing.assert_allclose(U.T @ v0, c, atol=1e-12)
+    return torch.from_numpy(0.5 * (A + A.T)), v0
+
+
+def test_power_iteration_close_top_pair():
+    A, v0 = close_top_pair()
+    lam_max, tol = 10.0, 1e-3
+    # The old rule (stop when lambda changes by < tol relative), inline as the reference: lambda
+    # plateaus while the mix of the top two eigenvectors shifts by ~1% per product, so it stops
+    # after a handful of products, near 9.9 and well over tol below lambda_max.
+    v = torch.from_numpy(v0)
+    hv = A @ v
+    lam, k = torch.dot(v, hv).item(), 1
+    while True:
+        prev, v = lam, hv / hv.norm()
+        hv, k = A @ v, k + 1
+        lam = torch.dot(v, hv).item()
+        if abs(lam - prev) < tol * abs(lam):
+            break
+    assert k < 20 and 9.9 < lam < lam_max - 5 * tol * lam_max
+    # The residual rule may only claim convergence within tol |lambda| of lambda_max. The bound
+    # relied on: for unit v = alpha u1 + beta u2 (+ decayed rest), ||Av - lambda v|| ~ |alpha beta| * 0.1
+    # and lambda_max - lambda ~ beta^2 * 0.1. Power iteration multiplies alpha / beta (0.5 at the
+    # start) by 10 / 9.9 per product, so the residual test (|alpha beta| <= ~0.1) is first met at
+    # alpha / beta >= ~10, where lambda_max - lambda <= ~1e-3 < tol |lambda|. (From a start with
+    # alpha / beta < 0.1 it would pass near 9.9 instead: see the module docstring.)
+    short = top_eigenvalue(lambda x: A @ x, 20, method="power", tol=tol, max_iter=100)
+    long = top_eigenvalue(lambda x: A @ x, 20, method="power", tol=tol, max_iter=1000)
+    for r in (short, long):
+        assert not r["converged"] or abs(r["top_eig"] - lam_max) <= tol * abs(r["top_eig"])
+    # Deterministic here: the ratio of the top two components grows by 10/9.9 per product, from 0.5
+    # to the ~10 the residual needs in ~300 products; 100 are not enough and say so.
+    assert not short["converged"] and short["hvps"] == 100 and short["residual"] > tol
+    assert long["converged"] and long["hvps"] < 1000 and long["residual"] <= tol
+    # Lanczos's Krylov space separates the pair at once.
+    lz = top_eigenvalue(lambda x: A @ x, 20, method="lanczos")
+    assert lz["converged"] and lz["top_eig"] == pytest.approx(lam_max, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adaptive sharpness: the top eigenvalue of diag(|w|) H diag(|w|)
+
+
+def test_adaptive_matches_exact(tiny):
+    module, x, y, H = tiny
+    data = Dataset("tiny", x, y, x[:8], y[:8], 4, "mlp")
+    out = measure_sharpness(module, data, torch.arange(len(y)))
+    t = ParamLayout(module).flatten(module).abs()
+    exact = torch.linalg.eigvalsh(t[:, None] * H * t[None, :])
+    lam1, lam2 = exact[-1].item(), exact[-2].item()
+    theta, r = out["adaptive_top_eig"], out["adaptive_hessian_residual"] * abs(out["adaptive_top_eig"])
+    # The tolerance is the a-posteriori bound on a Ritz value: theta is a Rayleigh quotient, so
+    # theta <= lambda_1, and by Kato-Temple lambda_1 - theta <= ||r||^2 / (theta - lambda_2) when
+    # theta > lambda_2 (here ~7e-11, measured error ~2e-11), plus float64 rounding of the two sides.
+    slack = 1e-12 * abs(lam1)
+    assert lam2 < theta <= lam1 + slack
+    assert lam1 - theta <= r ** 2 / (theta - lam2) + slack
+    assert out["adaptive_hessian_hvps"] > 0 and out["adaptive_hessian_seconds"] > 0
+    # The same operator by hand: ScaledHVP is v -> |w| * H (|w| * v).
+    v = torch.randn(len(t), dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(ScaledHVP(HVP(module, x, y), t)(v), t * (H @ (t * v)), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("a", [4.0, 3.0])  # 4 is exact in binary floating point; 3 adds rounding
+def test_adaptive_invariant_to_layer_rescaling(a):
+    torch.manual_seed(0)
+    m1 = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4)).double()
+    m2 = copy.deepcopy(m1)
+    with torch.no_grad():  # relu(a z) = a relu(z): layer 1 (weight and bias) x a, layer 2's weight / a
+        m2[0].weight.mul_(a)
+        m2[0].bias.mul_(a)
+        m2[2].weight.div_(a)  # layer 2's bias stays: its pre-activation scale is a * (1/a) = 1
+    data = make_data((6,), n=64)
+    x = data.x_train.double()
+    torch.testing.assert_close(m2(x), m1(x), rtol=1e-12, atol=1e-12)  # the same function
+    idx = hessian_subset(len(data.y_train))
+    s1, s2 = measure_sharpness(m1, data, idx), measure_sharpness(m2, data, idx)
+    ratio = s2["top_eig"] / s1["top_eig"]
+    assert ratio > 4 or ratio < 1 / 4  # the plain sharpness is not a property of the function
+    assert s2["adaptive_top_eig"] == pytest.approx(s1["adaptive_top_eig"], rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Both HVP methods, every registered model
 
@@ -185,14 +283,22 @@ def test_measure_sharpness_changes_nothing():
     for k in before:
         assert torch.equal(before[k], after[k]), k
     assert all(p.grad is None for p in module.parameters())
+    adaptive_keys = {"adaptive_top_eig", "adaptive_hessian_hvps", "adaptive_hessian_residual",
+                     "adaptive_hessian_seconds"}
     assert set(out) == {"top_eig", "hessian_method", "hessian_hvps", "hessian_residual", "hessian_seconds",
-                        "hessian_samples", "hessian_trace", "hessian_trace_stderr"}
+                        "hessian_samples", "hessian_trace", "hessian_trace_stderr"} | adaptive_keys
     assert out["hessian_samples"] == 64 and out["top_eig"] > 0 and out["hessian_method"] == "lanczos"
+    assert out["adaptive_top_eig"] > 0
     module.eval()
     again = measure_sharpness(module, data, idx, method="power")
     assert not module.training
     assert "hessian_trace" not in again
     assert again["top_eig"] == pytest.approx(out["top_eig"], rel=2e-2)
+    assert again["adaptive_top_eig"] == pytest.approx(out["adaptive_top_eig"], rel=2e-2)
+    assert not adaptive_keys & set(measure_sharpness(module, data, idx, adaptive=False))
+    for k, t in module.state_dict().items():
+        assert torch.equal(t, before[k]), k
+    assert all(p.grad is None for p in module.parameters())
 
 
 # ---------------------------------------------------------------------------------------------

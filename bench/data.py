@@ -137,21 +137,29 @@ _CIFAR_FILES = {
 
 
 def _read_cifar_pickles(name: str, folder: str, files: list[str], label_key: str):
-    """The python version of CIFAR: pickled dicts with 'data' (uint8 [N, 3072]) and labels."""
+    """The python version of CIFAR: pickled dicts with 'data' (uint8 [N, 3072]) and labels.
+
+    Read with bench.safe_pickle, which accepts only what the format holds (numpy arrays, lists,
+    strings, ints): a crafted file is refused before anything in it runs.
+    """
     import pickle
+
+    from bench import safe_pickle
 
     xs, ys = [], []
     for file in files:
         path = os.path.join(folder, file)
         try:
-            with open(path, "rb") as f:
-                d = pickle.load(f, encoding="latin1")
+            d = safe_pickle.load(path)
             xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(d[label_key], dtype=np.int64))
         except FileNotFoundError:
             raise UserError(f"{name}: {path} is missing; the folder must hold the python version of the data set "
                             f"(pass --data-dir, or --download)") from None
-        except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
+        except safe_pickle.UnsafePickleError as e:
+            raise UserError(f"{name}: {path} is not a CIFAR batch file, nothing in it was run ({e}); "
+                            f"re-extract the archive from its source") from None
+        except (OSError, pickle.UnpicklingError, KeyError, ValueError, TypeError) as e:
             raise UserError(f"{name}: {path} could not be read ({type(e).__name__}); re-extract the archive") from None
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 

@@ -8,6 +8,7 @@ CIFAR-10/100 are tested on small files written here in the real on-disk format o
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -400,3 +401,29 @@ def test_dataset_to_keeps_transform(tmp_path):
     assert d.transform is not None and d.prepare(d.x_train[:1]).dtype == torch.float32
     v = d.split_validation(0.2)
     assert v.transform is d.transform and len(v.y_val) == 6
+
+
+class _Payload:
+    """Unpickling this runs os.system('touch <path>') under plain pickle.load."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_crafted_cifar_batch_runs_nothing(tmp_path):
+    """A data_batch_1 whose unpickling would create a file: one-line UserError, and no file."""
+    write_cifar10(tmp_path)
+    marker = tmp_path / "pwned"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(pickle.dumps({"data": _Payload(marker), "labels": [0]}, protocol=2))
+    with open(batch, "rb") as f:  # the payload is real: plain pickle would run it
+        pickle.load(f, encoding="latin1")
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(UserError, match="nothing in it was run") as e:
+        load_dataset("cifar10", str(tmp_path))
+    assert "\n" not in str(e.value) and "system" in str(e.value)
+    assert not marker.exists()

@@ -7,6 +7,7 @@ A user's mistake (bench.errors.UserError) is one line on stderr and exit code 2.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import sys
@@ -37,7 +38,6 @@ app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty
                   help="Benchmark decentralized and sharpness-aware optimizers (C-SGD, D-SGD, DSGD-AC, SAM, "
                        "AD-SAM, LAMB, D-LAMB) over communication topologies.")
 out = Console()
-_D = RunConfig()  # option defaults come from RunConfig, in one place
 err = Console(stderr=True)
 
 
@@ -59,114 +59,150 @@ def _keys(texts) -> list[str]:
     return [k.strip() for t in texts for k in t.split(",") if k.strip()]
 
 
-@app.command()
-def run(
-    ctx: typer.Context,
-    algo: str = typer.Option(_D.algo, help="Algorithm preset (dsgdbench list algorithms)."),
-    topology: str = typer.Option(_D.topology, help="Topology, e.g. ring, torus:4x4, random:p=0.3, file:W.npy."),
-    workers: int = typer.Option(_D.workers, "--workers", "-n", help="Number of workers n."),
-    dataset: str = typer.Option(_D.dataset, help="Data set (dsgdbench list datasets)."),
-    model: Optional[str] = typer.Option(None, help="Model (default: the data set's), or timm:<name>."),
-    partition: str = typer.Option(_D.partition, help="iid or dirichlet:ALPHA."),
-    seed: int = typer.Option(_D.seed, help="Seed (data order, initialisation, noise)."),
-    seeds: Optional[str] = typer.Option(None, help="Several seeds: 0,1,2 or 0-4 (overrides --seed)."),
-    init: Optional[str] = typer.Option(None, help="Start every worker from this state_dict file (matching tensors)."),
-    augment: bool = typer.Option(_D.augment, "--augment/--no-augment", help="Random crop (pad 4) + flip on the device (images)."),
-    precision: str = typer.Option(_D.precision, help="fp32 or bf16 (autocast; parameters and mixing stay fp32)."),
-    grad: Optional[str] = typer.Option(None, help="Gradient oracle override: plain, sam, adsam."),
-    opt: Optional[str] = typer.Option(None, help="Local optimizer override: sgd, lamb."),
-    comm: Optional[str] = typer.Option(None, help="Communication rule override: allreduce, gossip, gossip-ac."),
-    order: str = typer.Option(_D.order, help="Gossip order: cta (mix pre-update x, default) or atc."),
-    batch: int = typer.Option(_D.batch, help="Batch per worker (total batch = workers x batch)."),
-    steps: Optional[int] = typer.Option(None, help="Training steps (overrides --epochs)."),
-    epochs: float = typer.Option(_D.epochs, help="Epochs (passes over the training set at the total batch)."),
-    lr: float = typer.Option(_D.lr, help="Peak learning rate."),
-    lr_scaling: str = typer.Option(_D.lr_scaling, help="none or linear (lr x total_batch / ref_batch)."),
-    ref_batch: int = typer.Option(_D.ref_batch, help="Reference batch for --lr-scaling linear."),
-    schedule: str = typer.Option(_D.schedule, help="constant, multistep or cosine."),
-    milestones: Optional[str] = typer.Option(None, help="multistep: fractions of training, e.g. 0.5,0.75."),
-    warmup: int = typer.Option(_D.warmup, help="Linear warmup steps."),
-    momentum: float = typer.Option(_D.momentum),
-    nesterov: bool = typer.Option(_D.nesterov, "--nesterov/--no-nesterov"),
-    weight_decay: float = typer.Option(_D.weight_decay),
-    wd_1d: bool = typer.Option(_D.wd_1d, "--wd-1d/--no-wd-1d", help="SGD: weight decay on 1-D parameters."),
-    betas: Optional[str] = typer.Option(None, help="LAMB betas, e.g. 0.9,0.999."),
-    eps: float = typer.Option(_D.eps, help="LAMB epsilon."),
-    clip: float = typer.Option(_D.clip, help="LAMB global gradient-norm clipping (0 = off)."),
-    p: float = typer.Option(_D.p, "--p", help="DSGD-AC exponent: gamma = (lr/lr_max)^p."),
-    ac_start: str = typer.Option(_D.ac_start, help="DSGD-AC start: fraction of training (0.1) or epoch (10ep)."),
-    gamma_min: float = typer.Option(_D.gamma_min, help="DSGD-AC lower bound on gamma."),
-    rho: float = typer.Option(_D.rho, help="SAM radius."),
-    adaptive: bool = typer.Option(_D.adaptive, "--adaptive/--no-adaptive", help="ASAM (T = |w|)."),
-    sigma: float = typer.Option(_D.sigma, help="AD-SAM noise scale."),
-    sigma_mode: str = typer.Option(_D.sigma_mode, help="AD-SAM: filter (sigma x ||filter||) or absolute."),
-    samples: int = typer.Option(_D.samples, help="AD-SAM noise draws per step."),
-    eval_every: int = typer.Option(_D.eval_every, help="Evaluate every N steps (0: ~10 times); always at the end."),
-    val_fraction: float = typer.Option(_D.val_fraction, help="Hold out this fraction of the training set for validation (compare --tune picks on it)."),
-    hessian: bool = typer.Option(_D.hessian, "--hessian/--no-hessian", help="Top Hessian eigenvalue at the end."),
-    hessian_method: str = typer.Option(_D.hessian_method, help="lanczos or power."),
-    hessian_samples: int = typer.Option(_D.hessian_samples, help="Training samples (0: all if <= 5000, else 2048)."),
-    hessian_trace: bool = typer.Option(_D.hessian_trace, "--hessian-trace", help="Also the Hutchinson trace."),
-    device: str = typer.Option(_D.device, help="cpu or cuda."),
-    executor: str = typer.Option(_D.executor, help="auto, native (packed batched model), vmap (torch.func) or loop."),
-    channels_last: bool = typer.Option(_D.channels_last, "--channels-last", help="NHWC memory format (image models)."),
-    compile: bool = typer.Option(_D.compile, "--compile", help="torch.compile the forward where it helps."),
-    results_dir: str = typer.Option(_D.results, "--results", help="Results folder."),
-    data_dir: Optional[str] = typer.Option(None, help="Folder holding image data sets (CIFAR)."),
-    download: bool = typer.Option(_D.download, "--download", help="Allow downloading CIFAR into --data-dir."),
-    force: bool = typer.Option(False, "--force", help="Rerun even if a finished run exists."),
-    config: Optional[Path] = typer.Option(None, help="TOML file of options (flags given here win)."),
-    backend: str = typer.Option(_D.backend, help="simulated (all workers in this process) or dist (torch.distributed)."),
-    procs: int = typer.Option(_D.procs, help="--backend dist: start P local processes (P must divide --workers)."),
-    dist_timeout: float = typer.Option(_D.dist_timeout, help="--backend dist: seconds before a stalled collective fails."),
-):
-    """Train one configuration (per seed) and write results/<run_id>/."""
-    from bench.config import parse_seeds
-    from bench.runner import run as run_one
+class RunCommand:
+    """Train one configuration (per seed) and write results/<run_id>/.
 
-    kw = dict(algo=algo, topology=topology, workers=workers, dataset=dataset, model=model, partition=partition,
-              seed=seed, init=init, augment=augment, precision=precision, channels_last=channels_last,
-              compile=compile, grad=grad, opt=opt, comm=comm, order=order, batch=batch, steps=steps, epochs=epochs,
-              lr=lr, lr_scaling=lr_scaling, ref_batch=ref_batch, schedule=schedule, warmup=warmup,
-              momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, wd_1d=wd_1d, eps=eps, clip=clip,
-              p=p, ac_start=ac_start, gamma_min=gamma_min, rho=rho, adaptive=adaptive, sigma=sigma,
-              sigma_mode=sigma_mode, samples=samples, eval_every=eval_every, val_fraction=val_fraction,
-              hessian=hessian, hessian_method=hessian_method, hessian_samples=hessian_samples,
-              hessian_trace=hessian_trace,
-              device=device, executor=executor, results=results_dir, data_dir=data_dir, download=download,
-              backend=backend, procs=procs, dist_timeout=dist_timeout)
-    if milestones is not None:
-        kw["milestones"] = _floats(milestones, "milestones")
-    if betas is not None:
-        kw["betas"] = _floats(betas, "betas", 2)
-    if config is not None:
-        kw = _merge_toml(config, kw, ctx)
-        # Two keys of the file are CLI options rather than RunConfig fields.
-        seeds = kw.pop("seeds", seeds)  # a list, an int or a string like "0-4"
-        force = kw.pop("force", force)
-        if not isinstance(force, bool):
-            raise UserError(f"--config {str(config)!r}: force must be true or false (got {force!r})")
-    base = RunConfig.from_dict(kw).validate()
-    if base.procs > 1 and base.backend == "simulated":
-        base = base.replace(backend="dist")
-    cfgs = [base.replace(seed=s) for s in (parse_seeds(seeds) if seeds is not None else [base.seed])]
-    group, run_fn, quiet = contextlib.nullcontext(), run_one, False
-    if base.backend == "dist":
-        from bench import distributed
+    A flag under "Component parameters" sets that parameter in each component of the run that declares it (--rho is SAM's); --set NAME=VALUE takes short or full names (--set sam.rho=0.1). Precedence: defaults < --config FILE < flags < --set.
+    """
 
-        if not distributed.under_torchrun():
-            if base.procs < 2:
-                raise UserError(distributed.NEED_TORCHRUN)
-            for summary in distributed.launch(cfgs, base.procs, force=force):
-                _print_run(summary)
-            return
-        group, run_fn = distributed.process_group(base), distributed.run_distributed
-        quiet = os.environ.get("RANK", "0") != "0"  # one progress bar, on rank 0
-    with group:
-        for cfg in cfgs:
-            summary = _run_with_progress(run_fn, cfg, force, quiet)
-            if summary is not None:  # the other ranks of a torchrun job return None
-                _print_run(summary)
+    __name__ = "run"
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.Signature([inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                                    annotation=ann) for name, ann, default in _run_options()])
+
+    @property
+    def __annotations__(self) -> dict:
+        return {name: ann for name, ann, _ in _run_options()}
+
+    def __call__(self, ctx: typer.Context, **kw):
+        from bench.config import parse_seeds
+        from bench.runner import run as run_one
+
+        seeds, config, force, sets = kw.pop("seeds"), kw.pop("config"), kw.pop("force"), kw.pop("set_")
+        core = {f.name: f for f in RunConfig.core()}
+        typed = {k for k in kw if (src := ctx.get_parameter_source(k)) is not None and src.name != "DEFAULT"}
+        given = {k: v for k, v in kw.items() if k in typed and v is not None}
+        for k, v in given.items():
+            if k in core and core[k].type == "tuple":
+                given[k] = _floats(v, k.replace("_", "-"))
+        values: dict = {}
+        if config is not None:
+            values = _read_toml(config)
+            seeds = values.pop("seeds", seeds) if seeds is None else seeds  # a list, an int or "0-4"
+            force = values.pop("force", force)
+            if not isinstance(force, bool):
+                raise UserError(f"--config {str(config)!r}: force must be true or false (got {force!r})")
+        explicit = [(k, _typed(k, v)) for k, v in given.items() if k not in core] + _assignments(sets)
+        base = RunConfig.from_dict({**values, **{k: v for k, v in given.items() if k in core}}).with_params(explicit)
+        _check_used(base, [k for k, _ in explicit])
+        if base.procs > 1 and base.backend == "simulated":
+            base = base.replace(backend="dist")
+        cfgs = [base.replace(seed=s) for s in (parse_seeds(seeds) if seeds is not None else [base.seed])]
+        group, run_fn, quiet = contextlib.nullcontext(), run_one, False
+        if base.backend == "dist":
+            from bench import distributed
+
+            if not distributed.under_torchrun():
+                if base.procs < 2:
+                    raise UserError(distributed.NEED_TORCHRUN)
+                for summary in distributed.launch(cfgs, base.procs, force=force):
+                    _print_run(summary)
+                return
+            group, run_fn = distributed.process_group(base), distributed.run_distributed
+            quiet = os.environ.get("RANK", "0") != "0"  # one progress bar, on rank 0
+        with group:
+            for cfg in cfgs:
+                summary = _run_with_progress(run_fn, cfg, force, quiet)
+                if summary is not None:  # the other ranks of a torchrun job return None
+                    _print_run(summary)
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "tuple": str,
+          "Optional[str]": str, "Optional[int]": int}
+CLI_ONLY = ("seeds", "config", "force", "set_")
+
+
+def _run_options() -> list[tuple[str, object, object]]:
+    """(name, annotation, typer.Option) of every option of `run`: the core fields of RunConfig, one flag
+    per component parameter name (all registered components, plug-ins included), and the CLI's own."""
+    from algorithms.base import all_components
+
+    d = RunConfig()  # option defaults come from RunConfig, in one place
+    opts = [("ctx", typer.Context, inspect.Parameter.empty)]
+    for f in RunConfig.core():
+        flag = "--" + f.name.replace("_", "-")
+        decls = f.metadata["flags"] or (f"{flag}/--no-{flag[2:]}" if f.type == "bool" else flag,)
+        default = getattr(d, f.name)
+        default = ",".join(f"{x:g}" for x in default) if isinstance(default, tuple) else default
+        opts.append((f.name, Optional[_TYPES[f.type]], typer.Option(
+            default, *decls, help=f.metadata["help"],
+            rich_help_panel="Execution" if f.metadata["role"] == "execution" else None)))
+    by_name: dict = {}
+    for cls in all_components():
+        for p in cls.params:
+            by_name.setdefault(p.name, []).append((cls, p))
+    for name, decl in sorted(by_name.items()):
+        if name in RunConfig.core_names() or name in CLI_ONLY:
+            continue  # reachable as --set COMPONENT.NAME=VALUE
+        types = {p.type for _, p in decl}
+        typ = decl[0][1].type if len(types) == 1 and tuple not in types else str
+        flag = "--" + name.replace("_", "-")
+        where = ", ".join(f"{c.name} {_show_default(p.default)}" for c, p in decl)
+        opts.append((name, Optional[typ], typer.Option(
+            None, f"{flag}/--no-{flag[2:]}" if typ is bool else flag, help=f"{decl[0][1].help} (default: {where})",
+            show_default=False, rich_help_panel="Component parameters")))
+    opts += [
+        ("seeds", Optional[str], typer.Option(None, help="Several seeds: 0,1,2 or 0-4 (overrides --seed).")),
+        ("config", Optional[Path], typer.Option(None, help="TOML file of options (flags given here win).")),
+        ("force", bool, typer.Option(False, "--force", help="Rerun even if a finished run exists.")),
+        ("set_", Optional[List[str]], typer.Option(None, "--set", help="Component parameter NAME=VALUE, short or "
+                                                                        "full name (sam.rho=0.1); repeatable.")),
+    ]
+    return opts
+
+
+def _show_default(v) -> str:
+    return ",".join(f"{x:g}" for x in v) if isinstance(v, tuple) else str(v)
+
+
+def _typed(key: str, v):
+    """A component flag's value: text for tuple-valued parameters (--betas 0.9,0.99) parsed as declared."""
+    from algorithms.base import declared
+
+    p = declared(key)[0][1]
+    return p.parse(v, f"--{key.replace('_', '-')}") if isinstance(v, str) and p.type is not str else v
+
+
+def _assignments(items) -> list[tuple[str, object]]:
+    """--set NAME=VALUE items as (full-or-short name, value parsed with the declared type)."""
+    from algorithms.base import check_key, declared
+
+    out = []
+    for item in items or []:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"--set {item!r}: use NAME=VALUE, e.g. --set sam.rho=0.1")
+        k = check_key(key, "--set parameter")
+        out.append((k, declared(k)[0][1].parse(text, f"--set {item}")))
+    return out
+
+
+def _check_used(cfg: RunConfig, keys: list[str]) -> None:
+    """A parameter typed on the command line that none of the run's components declares is a mistake."""
+    from algorithms.base import declared
+
+    r = cfg.hyper()
+    for k in r.unused:
+        if k in keys:
+            owners = sorted({c.name for c, _ in declared(k)})
+            names = ", ".join(a.name for a in r.active)
+            raise UserError(f"--{k.replace('_', '-')}: {cfg.algo} runs {names}, none of which has this parameter "
+                            f"(it belongs to {', '.join(owners)}); choose a component with --grad/--opt/--comm")
+
+
+app.command("run")(RunCommand())
 
 
 def _run_with_progress(run_fn, cfg, force: bool, quiet: bool):
@@ -179,24 +215,22 @@ def _run_with_progress(run_fn, cfg, force: bool, quiet: bool):
         return run_fn(cfg, progress=bar_progress(bar, task), force=force)
 
 
-def _merge_toml(path: Path, flags: dict, ctx) -> dict:
-    """TOML values, overridden by the flags the user typed on the command line."""
+def _read_toml(path: Path) -> dict:
+    """The options of a --config file."""
     from bench.suites import tomllib  # tomllib, or tomli before Python 3.11
 
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"--config {str(path)!r}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"--config {str(path)!r} is a folder; give a TOML file") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"--config {str(path)!r}: invalid TOML ({e})") from None
-    param_of = {"results": "results_dir"}
-    merged = dict(flags)
-    for k, v in data.items():
-        key = k.replace("-", "_")
-        source = ctx.get_parameter_source(param_of.get(key, key))
-        if source is None or source.name != "COMMANDLINE":
-            merged[key] = v
-    return merged
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"--config {str(path)!r}: not a TOML text file ({type(e).__name__})") from None
+    except OSError as e:
+        raise UserError(f"--config {str(path)!r}: cannot be read ({e.strerror})") from None
 
 
 def _print_run(s: dict) -> None:
@@ -288,7 +322,9 @@ def suite(
         out.print(suites.plan_table(plan))
         out.print(suites.plan_counts(plan), highlight=False, markup=False)
         return
-    suites.execute(plan, out, err)
+    from bench import suite_run
+
+    suite_run.execute(plan, out, err)
 
 
 @app.command("list")
@@ -299,20 +335,21 @@ def list_(what: str = typer.Argument("all", help="algorithms, components, topolo
 
     import algorithms
     import topologies
+    from algorithms.base import registries
     from bench import suites
     from bench.data import DATASETS
     from bench.models import MODELS
 
     sections = {
-        "algorithms": [(n, f"{algorithms.PRESETS.help(n)}  [{_preset_str(algorithms.PRESETS.get(n))}]")
+        "algorithms": [(n, f"{algorithms.PRESETS.help(n)}  [{algorithms.PRESETS.get(n)}]")
                        for n in algorithms.PRESETS],
-        "components": [(f"--grad {n}", algorithms.ORACLES.help(n)) for n in algorithms.ORACLES]
-        + [(f"--opt {n}", algorithms.OPTIMIZERS.help(n)) for n in algorithms.OPTIMIZERS]
-        + [(f"--comm {n}", algorithms.RULES.help(n)) for n in algorithms.RULES],
+        "components": [(f"--{kind} {n}", _component_help(reg, n)) for kind, reg in algorithms.KINDS.items()
+                       for n in reg] + [(f"{p.registry.kind} {n}", _component_help(p.registry, n))
+                                        for reg in registries()[len(algorithms.KINDS):] for n in reg
+                                        for p in [_named_by(reg)]],
         "topologies": [(n, topologies.TOPOLOGIES.help(n)) for n in topologies.TOPOLOGIES],
         "datasets": [(n, DATASETS.help(n)) for n in DATASETS],
         "models": [(n, MODELS.help(n)) for n in MODELS] + [("timm:<name>", "any timm model, randomly initialised")],
-        # Counting a suite's runs loads its data sets: only when suites are asked for.
         "suites": [(n, Text(h)) for n, h in suites.listing()] if what in ("all", "suites") else [],
     }
     if what != "all" and what not in sections:
@@ -329,8 +366,21 @@ def list_(what: str = typer.Argument("all", help="algorithms, components, topolo
             out.print(t)
 
 
-def _preset_str(p: dict) -> str:
-    return f"grad={p['grad']}, opt={p['opt']}, comm={p['comm']}"
+def _component_help(reg, name: str) -> str:
+    """One line of help, then one line per parameter: --flag TYPE = default  help."""
+    cls = reg.get(name)
+    lines = [reg.help(name)]
+    for p in cls.params:
+        lines.append(f"  --{p.name.replace('_', '-')} ({cls.name}.{p.name}) {p.describe_type()} "
+                     f"= {_show_default(p.default)}  {p.help}")
+    return "\n".join(lines)
+
+
+def _named_by(reg):
+    """The component-valued parameter that chooses from this registry."""
+    from algorithms.base import all_components
+
+    return next(p for c in all_components() for p in c.params if p.registry is reg)
 
 
 @app.command()

@@ -6,7 +6,8 @@ three choices (presets.py). Any other combination works through flags, e.g.
 --algo dsgd --grad sam is decentralized SAM.
 """
 
-from algorithms.base import ORACLES, OPTIMIZERS, PRESETS, RULES, StepContext, build_algorithm  # noqa: F401
-from bench.registry import import_submodules
+from algorithms.base import KINDS, ORACLES, OPTIMIZERS, PRESETS, RULES, StepContext  # noqa: F401
+from bench.registry import import_submodules, load_plugins
 
 import_submodules("algorithms")
+load_plugins()  # DSGDBENCH_PLUGINS: components and presets outside the package

@@ -16,6 +16,7 @@ M gradients per step (--samples, default 1). sigma = 0 gives plain SGD exactly.
 import torch
 
 from algorithms.base import ORACLES
+from bench.spec import Component, Param, between, non_negative
 
 
 def noise_seed(seed: int, worker: int, step: int, m: int) -> int:
@@ -23,13 +24,20 @@ def noise_seed(seed: int, worker: int, step: int, m: int) -> int:
 
 
 @ORACLES.register("adsam", "gradient at x + N(0, (sigma*||filter||)^2) noise (M gradients/step)")
-class ADSAM:
-    def __init__(self, cfg, layout, device):
-        self.sigma = cfg.sigma
-        self.mode = cfg.sigma_mode
-        self.grad_evals = cfg.samples
-        self.layout = layout
-        self.filter_ids, self.n_filters = layout.filter_ids(device)
+class ADSAM(Component):
+    params = (
+        Param("sigma", 0.01, "AD-SAM noise scale sigma", check=non_negative),
+        Param("sigma_mode", "filter", "noise std: sigma x ||filter|| (filter) or sigma (absolute)",
+              choices=("filter", "absolute")),
+        Param("samples", 1, "noise draws M per step (M gradients per step)", check=between(1)),
+    )
+
+    def __init__(self, hp, ctx):
+        self.sigma = hp.sigma
+        self.mode = hp.sigma_mode
+        self.grad_evals = hp.samples
+        self.layout = ctx.layout
+        self.filter_ids, self.n_filters = ctx.layout.filter_ids(ctx.device)
 
     def scale(self, X: torch.Tensor) -> torch.Tensor:
         """Per-entry noise std [n, d]."""

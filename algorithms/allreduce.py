@@ -7,17 +7,18 @@ per step is that of a ring all-reduce, 2 (n - 1) / n model sizes.
 """
 
 from algorithms.base import RULES
+from bench.spec import Component
 
 
 @RULES.register("allreduce", "average gradients over all workers (C-SGD)")
-class AllReduce:
-    decentralized = False
+class AllReduce(Component):
+    needs_topology = False
 
-    def __init__(self, cfg, total_steps, epoch_len):
+    def __init__(self, hp, ctx):
         pass
 
-    def gamma(self, ctx) -> float:
-        return 1.0
+    def log(self, ctx) -> dict:
+        return {}
 
     def step(self, X, G, optimizer, ctx):
         U = optimizer.direction(X, ctx.comm.allreduce_mean(G))

@@ -8,17 +8,20 @@ so communication can overlap the backward pass.
 """
 
 from algorithms.base import RULES
+from bench.spec import Component, Param
 
 
 @RULES.register("gossip", "mix parameters with the neighbours: x <- W x - lr U (D-SGD)")
-class Gossip:
-    decentralized = True
+class Gossip(Component):
+    params = (Param("order", "cta", "cta: x <- W x - lr U (gradient at the pre-mix x); atc: x <- W (x - lr U)",
+                    choices=("cta", "atc")),)
+    needs_topology = True
 
-    def __init__(self, cfg, total_steps, epoch_len):
-        self.order = cfg.order
+    def __init__(self, hp, ctx):
+        self.order = hp.order
 
-    def gamma(self, ctx) -> float:
-        return 1.0
+    def log(self, ctx) -> dict:
+        return {}
 
     def mixed(self, X, ctx):
         return ctx.comm.mix(X, ctx.step)

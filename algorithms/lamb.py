@@ -16,17 +16,27 @@ the worker (D-LAMB mixes parameters only).
 import torch
 
 from algorithms.base import OPTIMIZERS
+from bench.spec import Component, Param, non_negative, positive, probability_open
 
 
 @OPTIMIZERS.register("lamb", "LAMB: Adam moments + per-layer trust ratio ||w||/||r + wd w||")
-class LAMB:
-    def __init__(self, cfg, layout, n, device):
-        self.b1, self.b2 = cfg.betas
-        self.eps = cfg.eps
-        self.wd = cfg.weight_decay
-        self.clip = cfg.clip
+class LAMB(Component):
+    params = (
+        Param("betas", (0.9, 0.999), "LAMB moment decays b1,b2", check=probability_open, length=2),
+        Param("eps", 1e-6, "LAMB epsilon (added to sqrt(v))", check=positive),
+        Param("weight_decay", 5e-4, "decoupled weight decay wd in u = r + wd w", check=non_negative),
+        Param("clip", 0.0, "global gradient-norm clipping before the moments (0 = off)", check=non_negative),
+    )
+    state_keys = ("t", "m", "v")
+
+    def __init__(self, hp, ctx):
+        self.b1, self.b2 = hp.betas
+        self.eps = hp.eps
+        self.wd = hp.weight_decay
+        self.clip = hp.clip
         self.t = 0
         self.m = self.v = None
+        layout, device = ctx.layout, ctx.device
         # Layers that adapt (trust ratio and weight decay): those with >= 2 dimensions.
         self.slot_ids = torch.cat([torch.full((s.stop - s.start,), k, dtype=torch.long)
                                    for k, s in enumerate(layout.slots)]).to(device)

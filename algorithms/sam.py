@@ -12,15 +12,20 @@ as in data-parallel SAM without synchronising eps ("m-sharpness" with m = local 
 import torch
 
 from algorithms.base import ORACLES
+from bench.spec import Component, Param, positive
 
 
 @ORACLES.register("sam", "gradient at x + rho g/||g|| (2 gradients/step)")
-class SAM:
+class SAM(Component):
+    params = (
+        Param("rho", 0.05, "SAM radius rho", check=positive),
+        Param("adaptive", False, "ASAM: perturbation rho T^2 g / ||T g||, T = |x| (Kwon et al. 2021)"),
+    )
     grad_evals = 2
 
-    def __init__(self, cfg, layout, device):
-        self.rho = cfg.rho
-        self.adaptive = cfg.adaptive
+    def __init__(self, hp, ctx):
+        self.rho = hp.rho
+        self.adaptive = hp.adaptive
 
     def __call__(self, workers, X, x, y, ctx):
         losses, g = workers.loss_and_grad(X, x, y, "train")

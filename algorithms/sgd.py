@@ -11,17 +11,26 @@ Momentum buffers are local to each worker (Lian et al. 2017; Zhu et al. 2023).
 import torch
 
 from algorithms.base import OPTIMIZERS
+from bench.spec import Component, Param, non_negative, probability_open
 
 
 @OPTIMIZERS.register("sgd", "SGD with momentum, Nesterov, weight decay (torch.optim.SGD)")
-class SGD:
-    def __init__(self, cfg, layout, n, device):
-        self.mu = cfg.momentum
-        self.nesterov = cfg.nesterov
-        self.wd = cfg.weight_decay
+class SGD(Component):
+    params = (
+        Param("momentum", 0.9, "SGD momentum mu: m = mu m + g", check=probability_open),
+        Param("nesterov", False, "Nesterov momentum: U = g + mu m"),
+        Param("weight_decay", 5e-4, "L2 weight decay: g = G + wd x", check=non_negative),
+        Param("wd_1d", True, "weight decay on 1-D parameters (biases, normalisation scales) too"),
+    )
+    state_keys = ("m",)
+
+    def __init__(self, hp, ctx):
+        self.mu = hp.momentum
+        self.nesterov = hp.nesterov
+        self.wd = hp.weight_decay
         self.wd_vec = None
-        if self.wd and not cfg.wd_1d:
-            self.wd_vec = (~layout.one_d_mask(device)).double() * self.wd  # cast to X's dtype at first use
+        if self.wd and not hp.wd_1d:
+            self.wd_vec = (~ctx.layout.one_d_mask(ctx.device)).double() * self.wd  # cast to X's dtype at first use
         self.m = None
 
     def direction(self, X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:

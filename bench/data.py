@@ -14,6 +14,8 @@ batches the simulation gives its workers.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -73,30 +75,137 @@ class Dataset:
                        self.num_classes, self.default_model, self.transform, self.x_train[val], self.y_train[val])
 
 
-DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
+@dataclass(frozen=True)
+class DataInfo:
+    """What planning needs to know of a data set without loading it."""
+
+    n_train: int
+    n_test: int
+    input_shape: tuple
+    num_classes: int
+    default_model: str
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A registered data set: `load(arg, data_dir, download) -> Dataset` and its facts `info(arg)`.
+
+    arg is what follows the colon of a spec ("mnist1d:60000" -> "60000"), None without one.
+    available(data_dir, download) raises a one-line UserError when its files are needed and absent.
+    """
+
+    load: Callable[..., Dataset]
+    info: Callable[[Optional[str]], DataInfo]
+    available: Callable[[Optional[str], bool], None] = lambda data_dir, download: None
+
+
+DATASETS: Registry[DataSource] = Registry("dataset")
+
+
+def parse_spec(spec: str) -> tuple[str, Optional[str]]:
+    name, _, arg = str(spec).partition(":")
+    return name, (arg or None)
+
+
+def dataset_info(spec: str) -> DataInfo:
+    """Sizes, shape, classes and default model of a data set spec (nothing is loaded)."""
+    name, arg = parse_spec(spec)
+    return DATASETS.get(name).info(arg)
+
+
+def check_available(spec: str, data_dir: Optional[str] = None, download: bool = False) -> None:
+    """A one-line UserError if the data set's files are needed and not there (nothing is loaded)."""
+    DATASETS.get(parse_spec(spec)[0]).available(data_dir, download)
+
+
+# ----------------------------------------------------------------------------------------------
+# MNIST-1D (Greydanus 2020), generated offline at any size
+
+MNIST1D_DEFAULT = 5000  # the published set: 4000 train / 1000 test
+
+
+def _mnist1d_size(arg: Optional[str]) -> int:
+    if arg is None:
+        return MNIST1D_DEFAULT
+    try:
+        n = int(arg)
+    except ValueError:
+        n = 0
+    if n < 100:
+        raise UserError(f"dataset mnist1d:{arg}: give the number of samples, an integer >= 100 "
+                        f"(e.g. mnist1d:60000 = 48000 train / 12000 test)")
+    return n
+
+
+def _mnist1d_info(arg: Optional[str]) -> DataInfo:
+    n = (_mnist1d_size(arg) // 10) * 10  # make_dataset draws num_samples // 10 per class
+    n_train = int(n * 0.8)  # its train_split
+    return DataInfo(n_train, n - n_train, (1, 40), 10, "cnn1d")
+
+
+def cache_dir() -> Optional[str]:
+    """Where generated data sets are kept: $DSGDBENCH_CACHE, else ~/.cache/dsgdbench (None: no cache)."""
+    d = os.environ.get("DSGDBENCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dsgdbench")
+    return d if d.lower() not in ("0", "off", "none") else None
 
 
 @functools.lru_cache(maxsize=4)
-def _mnist1d_arrays():
+def _mnist1d_arrays(num_samples: int = MNIST1D_DEFAULT):
+    """x, y, x_test, y_test of mnist1d's make_dataset with the published arguments and num_samples.
+
+    Generated locally (get_dataset() would download) and kept in cache_dir() as an .npz of plain
+    arrays, keyed by the arguments (read back with allow_pickle=False): 50,000 samples take ~10 s
+    to generate and ~0.1 s to read.
+    """
     from mnist1d.data import get_dataset_args, make_dataset
 
-    args = get_dataset_args()  # 5000 samples, 80/20 split, length 40, seed 42: the published defaults
-    d = make_dataset(args)  # generated locally; get_dataset() would download
-    return d["x"], d["y"], d["x_test"], d["y_test"]
+    args = get_dataset_args(as_dict=True)
+    args["num_samples"] = num_samples
+    key = hashlib.sha1(json.dumps({k: v for k, v in args.items() if k != "url"}, sort_keys=True).encode())
+    folder = cache_dir()
+    path = os.path.join(folder, f"mnist1d-{num_samples}-{key.hexdigest()[:12]}.npz") if folder else None
+    names = ("x", "y", "x_test", "y_test")
+    if path and os.path.isfile(path):
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return tuple(f[k] for k in names)
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: generate again
+    from mnist1d.data import ObjectView
+
+    d = make_dataset(ObjectView(args))
+    out = tuple(d[k] for k in names)
+    if path:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp.npz"
+            np.savez(tmp, **dict(zip(names, out)))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only home: no cache, the data set is still right
+    return out
 
 
-@DATASETS.register("mnist1d", "MNIST-1D, generated offline: 4000 train / 1000 test, 1x40 signals, 10 classes")
-def load_mnist1d(data_dir: Optional[str] = None, download: bool = False) -> Dataset:
-    x, y, xt, yt = _mnist1d_arrays()
+def load_mnist1d(arg: Optional[str] = None, data_dir: Optional[str] = None, download: bool = False) -> Dataset:
+    x, y, xt, yt = _mnist1d_arrays(_mnist1d_size(arg))
     f = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(1)  # noqa: E731
     g = lambda a: torch.tensor(a, dtype=torch.int64)  # noqa: E731
-    return Dataset("mnist1d", f(x), g(y), f(xt), g(yt), 10, "cnn1d")
+    return Dataset("mnist1d" if arg is None else f"mnist1d:{arg}", f(x), g(y), f(xt), g(yt), 10, "cnn1d")
 
 
-@DATASETS.register("digits", "scikit-learn digits: 1437 train / 360 test, 1x8x8 images, 10 classes")
-def load_digits(data_dir: Optional[str] = None, download: bool = False) -> Dataset:
+DATASETS.register("mnist1d", "MNIST-1D, generated offline: 4000 train / 1000 test, 1x40 signals, 10 classes; "
+                             "mnist1d:N generates N samples (80/20 split)")(DataSource(load_mnist1d, _mnist1d_info))
+
+
+def _no_arg(name: str, arg: Optional[str]) -> None:
+    if arg is not None:
+        raise UserError(f"dataset {name!r} takes no argument; got '{name}:{arg}' (use '{name}')")
+
+
+def load_digits(arg: Optional[str] = None, data_dir: Optional[str] = None, download: bool = False) -> Dataset:
     from sklearn.datasets import load_digits as sk_digits
 
+    _no_arg("digits", arg)
     d = sk_digits()
     x = torch.tensor(d.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
     x = (x - 0.3) / 0.4
@@ -106,8 +215,12 @@ def load_digits(data_dir: Optional[str] = None, download: bool = False) -> Datas
     return Dataset("digits", x[tr], y[tr], x[te], y[te], 10, "cnn")
 
 
-@DATASETS.register("synthetic", "tiny Gaussian-mixture signals for tests: 512 train / 256 test, 1x16, 4 classes")
-def load_synthetic(data_dir: Optional[str] = None, download: bool = False) -> Dataset:
+DATASETS.register("digits", "scikit-learn digits: 1437 train / 360 test, 1x8x8 images, 10 classes")(
+    DataSource(load_digits, lambda arg: (_no_arg("digits", arg), DataInfo(1437, 360, (1, 8, 8), 10, "cnn"))[1]))
+
+
+def load_synthetic(arg: Optional[str] = None, data_dir: Optional[str] = None, download: bool = False) -> Dataset:
+    _no_arg("synthetic", arg)
     g = torch.Generator().manual_seed(1234)
     k, length = 4, 16
     centers = torch.randn(k, length, generator=g)
@@ -120,6 +233,10 @@ def load_synthetic(data_dir: Optional[str] = None, download: bool = False) -> Da
     x, y = draw(512)
     xt, yt = draw(256)
     return Dataset("synthetic", x, y, xt, yt, k, "mlp")
+
+
+DATASETS.register("synthetic", "tiny Gaussian-mixture signals for tests: 512 train / 256 test, 1x16, 4 classes")(
+    DataSource(load_synthetic, lambda arg: (_no_arg("synthetic", arg), DataInfo(512, 256, (1, 16), 4, "mlp"))[1]))
 
 
 _CIFAR_STATS = {
@@ -169,12 +286,9 @@ def _load_cifar(name: str, data_dir: Optional[str], download: bool) -> Dataset:
 
     torchvision is used only to download, and only when the user asks (--download).
     """
-    root = data_dir or os.environ.get("DSGDBENCH_DATA", "data")
-    folder = os.path.join(root, _CIFAR_FOLDERS[name])
+    root, folder = _cifar_folder(name, data_dir)
     if not os.path.isdir(folder):
-        if not download:
-            raise UserError(f"{name} not found: expected {folder}/ (the python version of the data set); "
-                            f"pass --data-dir DIR that contains it, or --download to fetch it")
+        _cifar_available(name, data_dir, download)
         import torchvision
 
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
@@ -196,18 +310,39 @@ def _load_cifar(name: str, data_dir: Optional[str], download: bool) -> Dataset:
     return Dataset(name, x, y, xt, yt, 10 if name == "cifar10" else 100, "resnet18", normalise)
 
 
-@DATASETS.register("cifar10", "CIFAR-10 from a local folder (--data-dir), 32x32 RGB, 10 classes")
-def load_cifar10(data_dir: Optional[str] = None, download: bool = False) -> Dataset:
-    return _load_cifar("cifar10", data_dir, download)
+def _cifar_folder(name: str, data_dir: Optional[str]) -> tuple[str, str]:
+    root = data_dir or os.environ.get("DSGDBENCH_DATA", "data")
+    return root, os.path.join(root, _CIFAR_FOLDERS[name])
 
 
-@DATASETS.register("cifar100", "CIFAR-100 from a local folder (--data-dir), 32x32 RGB, 100 classes")
-def load_cifar100(data_dir: Optional[str] = None, download: bool = False) -> Dataset:
-    return _load_cifar("cifar100", data_dir, download)
+def _cifar_available(name: str, data_dir: Optional[str], download: bool) -> None:
+    folder = _cifar_folder(name, data_dir)[1]
+    if not os.path.isdir(folder) and not download:
+        raise UserError(f"{name} not found: expected {folder}/ (the python version of the data set); "
+                        f"pass --data-dir DIR that contains it, or --download to fetch it")
 
 
-def load_dataset(name: str, data_dir: Optional[str] = None, download: bool = False) -> Dataset:
-    return DATASETS.get(name)(data_dir=data_dir, download=download)
+def _cifar_source(name: str) -> DataSource:
+    classes = 10 if name == "cifar10" else 100
+
+    def load(arg=None, data_dir=None, download=False):
+        _no_arg(name, arg)
+        return _load_cifar(name, data_dir, download)
+
+    return DataSource(load, lambda arg: (_no_arg(name, arg), DataInfo(50000, 10000, (3, 32, 32), classes,
+                                                                       "resnet18"))[1],
+                      lambda data_dir, download: _cifar_available(name, data_dir, download))
+
+
+DATASETS.register("cifar10", "CIFAR-10 from a local folder (--data-dir), 32x32 RGB, 10 classes")(
+    _cifar_source("cifar10"))
+DATASETS.register("cifar100", "CIFAR-100 from a local folder (--data-dir), 32x32 RGB, 100 classes")(
+    _cifar_source("cifar100"))
+
+
+def load_dataset(spec: str, data_dir: Optional[str] = None, download: bool = False) -> Dataset:
+    name, arg = parse_spec(spec)
+    return DATASETS.get(name).load(arg, data_dir=data_dir, download=download)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -266,10 +266,8 @@ def _backend_for(cfg: RunConfig) -> str:
 def _topology(cfg: RunConfig):
     """cfg's topology when its communication rule gossips, else None."""
     import topologies
-    from algorithms import PRESETS, RULES
 
-    rule = RULES.get(cfg.comm or PRESETS.get(cfg.algo)["comm"])
-    return topologies.get_topology(cfg.topology, cfg.workers) if rule.decentralized else None
+    return topologies.get_topology(cfg.topology, cfg.workers) if cfg.needs_topology() else None
 
 
 def make_comm(cfg: RunConfig) -> DistComm:

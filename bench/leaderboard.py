@@ -26,8 +26,8 @@ Paired differences against a baseline (--baseline ALGO)
     two independent intervals would.
     The baseline group of a row is the ALGO group with the same workload: equal
     on every group key except those that follow from the algorithm
-    (ALGORITHM_KEYS: the algorithm, its topology, components and optimisation
-    hyperparameters such as lr). If several ALGO groups fit (an lr grid, say),
+    (is_algorithm_key: RunConfig's fields of the algorithm role, such as the
+    algorithm, its topology, components and lr, and every component parameter). If several ALGO groups fit (an lr grid, say),
     the match is refined on the keys they differ on (the same lr as the row);
     if that does not leave exactly one, it is an error.
 
@@ -61,6 +61,7 @@ import pandas as pd
 from scipy import stats
 
 from bench import results
+from bench.config import ALGORITHM, EXECUTION, RunConfig
 from bench.errors import UserError
 from bench.registry import unknown_name
 
@@ -91,21 +92,20 @@ LABEL_KEYS = ("algo", "topology", "workers", "total_batch")
 FORMATS = ("table", "csv", "md", "tex")
 EXTENSIONS = {".csv": "csv", ".md": "md", ".markdown": "md", ".tex": "tex"}
 
-# Config fields that never split a group: the seed, where and how a run was executed,
-# and epochs (the resolved steps is what counts; epochs may be an unused default).
-GROUP_SKIP = ("seed", "results", "data_dir", "download", "device", "executor", "backend", "procs", "dist_timeout",
-              "epochs", "force", "channels_last", "compile")
+# Config fields that never split a group: the seed, where and how a run was executed (the
+# execution role of RunConfig), epochs (the resolved steps is what counts) and bookkeeping.
+GROUP_SKIP = tuple(f.name for f in RunConfig.core(EXECUTION)) + ("seed", "epochs", "format", "resolved")
 
-# Group keys that follow from the algorithm rather than the workload: not matched when
-# looking for a row's baseline group (csgd's topology is "allreduce", its lr its own).
-ALGORITHM_KEYS = frozenset({
-    "algo", "topology", "grad", "opt", "comm", "order",
-    "lr", "lr_scaling", "ref_batch", "schedule", "milestones", "warmup",
-    "momentum", "nesterov", "weight_decay", "wd_1d",
-    "betas", "eps", "clip",
-    "p", "ac_start", "gamma_min",
-    "rho", "adaptive", "sigma", "sigma_mode", "samples",
-})
+
+def is_algorithm_key(key: str) -> bool:
+    """Group keys that follow from the algorithm rather than the workload: not matched when looking
+    for a row's baseline group (csgd's topology is "allreduce", its lr its own). They are the core
+    fields of the algorithm role and every component parameter (full names: "sam.rho")."""
+    key = key.removeprefix("cfg.")
+    return key in ALGORITHM_FIELDS or "." in key
+
+
+ALGORITHM_FIELDS = frozenset(f.name for f in RunConfig.core(ALGORITHM))
 
 CANDIDATES = "tune.candidates"  # column added by tune_runs: how many values of the tuned key(s) competed
 SIGNIFICANT = "*"
@@ -163,9 +163,43 @@ def runs_frame(root: str, warn=None) -> pd.DataFrame:
         if not isinstance(cfg, dict):  # valid JSON, but not a configuration
             cfg = {}
         row = {k: v for k, v in s.items() if not isinstance(v, (dict, list))}
-        row.update({f"cfg.{k}": json.dumps(v) if isinstance(v, list) else v for k, v in cfg.items()})
+        row.update({f"cfg.{k}": json.dumps(v) if isinstance(v, list) else v for k, v in flat_config(cfg).items()})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def flat_config(cfg: dict) -> dict:
+    """A config.json as one level: core fields, component parameters by full name ("sam.rho"), and
+    "file:<what>" content hashes. A config.json of the first layout (every hyperparameter a
+    top-level field, no "format") is mapped to full names through the run's components; the
+    parameters of components it did not use are dropped."""
+    from algorithms.base import all_components
+
+    out = {k: v for k, v in cfg.items() if not isinstance(v, dict) and k not in ("format", "resolved")}
+    if "format" in cfg:
+        out.update(cfg.get("params") or {})
+        out.update({f"file:{k}": v for k, v in (cfg.get("files") or {}).items()})
+        return out
+    core = RunConfig.core_names()
+    used = {c.name: c for c in all_components() if c.name in (cfg.get("grad"), cfg.get("opt"), cfg.get("comm"))}
+    for k in [k for k in out if k not in core]:
+        v = out.pop(k)
+        for c in used.values():
+            if any(p.name == k for p in c.params):
+                out[f"{c.name}.{k}"] = v
+    return out
+
+
+def check_duplicate_seeds(g: pd.DataFrame, where: str) -> None:
+    """A group may hold each seed once: two runs of one configuration and seed would count it twice."""
+    if "seed" not in g or "run_dir" not in g:
+        return
+    dup = g[g["seed"].duplicated(keep=False)].sort_values("run_dir")
+    if len(dup):
+        a, b = dup["run_dir"].iloc[0], dup["run_dir"].iloc[1]
+        raise UserError(f"seed {dup['seed'].iloc[0]} appears twice in the group {where}: {a} and {b} (the same "
+                        f"configuration run twice, or runs that differ only in how they ran); remove one, or "
+                        f"split the groups with --by")
 
 
 def _config_fields(df: pd.DataFrame) -> list[str]:
@@ -201,7 +235,18 @@ def _key_column(df: pd.DataFrame, key: str, flag: str) -> str:
         return f"cfg.{key}"
     if key in df.columns and key not in METRICS:
         return key
+    short = [c for c in df.columns if c.startswith("cfg.") and "." in c[4:] and c.rpartition(".")[2] == key]
+    if short:  # a component parameter by its short name: the value of whichever component a run has
+        df[f"cfg.{key}"] = df[short].bfill(axis=1).iloc[:, 0]
+        return f"cfg.{key}"
     raise UserError(unknown_name(f"{flag} key", key, _config_fields(df) or sorted(df.columns)))
+
+
+def _with_components(df: pd.DataFrame, cols: list[str]) -> list[str]:
+    """cols plus the component-parameter columns a short-name column stands for (cfg.rho: cfg.sam.rho)."""
+    short = {c[4:] for c in cols if c.startswith("cfg.") and "." not in c[4:]}
+    return list(cols) + [c for c in df.columns if c.startswith("cfg.") and "." in c[4:]
+                         and c.rpartition(".")[2] in short]
 
 
 def _isna(v) -> bool:
@@ -247,7 +292,8 @@ def tune_runs(df: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, pd.DataF
             raise UserError(f"--tune {k}: every run has {k} = {_value(df[c].iloc[0])}; nothing to choose from")
 
     if any(c.startswith("cfg.") for c in df.columns):
-        context = [c for c in df.columns if c.startswith("cfg.") and c[4:] not in GROUP_SKIP and c not in cols]
+        tuned = _with_components(df, cols)
+        context = [c for c in df.columns if c.startswith("cfg.") and c[4:] not in GROUP_SKIP and c not in tuned]
     else:
         context = [k for k in ("algo", "topology", "workers", "dataset", "model", "batch", "total_batch", "steps",
                                "grad", "opt", "comm", "lr") if k in df.columns and k not in cols]
@@ -321,7 +367,7 @@ def match_baselines(groups: list[dict], keys: list[str], algo: str) -> list[int 
     """
     if "algo" not in keys:
         raise UserError("--baseline compares algorithms: add algo to --by")
-    workload = [k for k in keys if k.removeprefix("cfg.") not in ALGORITHM_KEYS]
+    workload = [k for k in keys if not is_algorithm_key(k)]
     other = [k for k in keys if k not in workload and k != "algo"]
     base = [j for j, g in enumerate(groups) if g["algo"] == algo]
     out: list[int | None] = []
@@ -408,7 +454,7 @@ def leaderboard(df: pd.DataFrame, by: list[str] | None = None, metrics=DEFAULT_C
         raise UserError(f"--target-acc {target_acc:g}: give a test accuracy in percent, in (0, 100]")
     tuned = list(tuned or [])
     tuned_cols = [_key_column(df, k, "--tune") for k in tuned]
-    keys = group_keys(df, by, exclude=tuned_cols)
+    keys = group_keys(df, by, exclude=_with_components(df, tuned_cols))
     shown = [c for c in metrics if _available(df, c)]
     groups = [(dict(zip(keys, key if isinstance(key, tuple) else (key,))), g)
               for key, g in df.groupby(keys, sort=False, dropna=False)]
@@ -418,6 +464,7 @@ def leaderboard(df: pd.DataFrame, by: list[str] | None = None, metrics=DEFAULT_C
     numeric_rows, display_rows = [], []
     for i, (key, g) in enumerate(groups):
         labels = {k.removeprefix("cfg."): v for k, v in key.items()}
+        check_duplicate_seeds(g, ", ".join(f"{k}={_value(v)}" for k, v in labels.items()))
         ok = g[g["status"] == "completed"]
         n_div = int((g["status"] == "diverged").sum())
         num = {**labels}

@@ -8,7 +8,7 @@ writes up to three PNG files:
                      grouped as bench.leaderboard.group_keys does): the mean over seeds
                      with a ±std band (Figure 1 of Zhu et al., ICML 2023)
     consensus.png    consensus distance vs step (log scale) of the decentralized runs,
-                     with gamma_t of DSGD-AC (comm gossip-ac) on a secondary axis
+                     with gamma_t where the rule logs it (DSGD-AC) on a secondary axis
     eig_vs_acc.png   top-1 Hessian eigenvalue vs final test accuracy, one point per run
 
 Encodings are shared by every figure: the colour says the algorithm (a fixed colour
@@ -341,7 +341,7 @@ def _consensus_figure(df: pd.DataFrame, all_panels: list[_Panel], curves: dict):
     markers = topology_markers(df["topology"])
     panels = []
     for p in all_panels:
-        configs = [c for c in p.configs if c.comm != "allreduce" and any(
+        configs = [c for c in p.configs if any(  # all-reduce runs have none: one model
             _series(curves, d, "consensus_distance", positive=True) is not None for d in c.completed + c.diverged)]
         if configs:
             panels.append(_Panel(p.title, configs))
@@ -357,13 +357,13 @@ def _consensus_figure(df: pd.DataFrame, all_panels: list[_Panel], curves: dict):
                                           band="range", positive=True)
             spans.append(span)
             ends += cfg_ends
-            if cfg.comm == "gossip-ac":
-                gamma = next((s for s in (_series(curves, d, "gamma") for d in cfg.completed + cfg.diverged)
-                              if s is not None), None)
-                if gamma is not None:
-                    twin = twin or ax.twinx()
-                    twin.plot(gamma.index.to_numpy(dtype=float), gamma.to_numpy(), color=color, linestyle=":",
-                              linewidth=1.5, label=f"γ_t {cfg.label}", gid=f"algo:{cfg.algo}")
+            # gamma_t where the rule logs it (DSGD-AC: Rule.log)
+            gamma = next((s for s in (_series(curves, d, "gamma") for d in cfg.completed + cfg.diverged)
+                          if s is not None), None)
+            if gamma is not None:
+                twin = twin or ax.twinx()
+                twin.plot(gamma.index.to_numpy(dtype=float), gamma.to_numpy(), color=color, linestyle=":",
+                          linewidth=1.5, label=f"γ_t {cfg.label}", gid=f"algo:{cfg.algo}")
         ax.set_yscale("log")
         _fit_log_axis(ax, spans, ends)
         ax.set_xlabel(STEP_LABEL)

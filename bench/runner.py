@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 import topologies
-from algorithms import RULES, StepContext, build_algorithm
+from algorithms import StepContext
+from algorithms.base import build as build_algorithm
 from bench import metrics, results
 from bench.augment import augment_batch
 from bench.comm import SimulatedComm
@@ -28,6 +29,7 @@ from bench.data import Sampler, epoch_steps, load_dataset, make_shards
 from bench.errors import UserError
 from bench.models import build_model, load_init
 from bench.schedule import lr_at
+from bench.spec import BuildContext
 from bench.workers import Workers, param_bytes
 
 Progress = Callable[[int, int, dict], None]
@@ -89,8 +91,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, data, device, run_dir: Path, comm=None):
         self.cfg, self.data, self.device, self.run_dir = cfg, data, device, run_dir
         n = cfg.workers
-        rule_cls = RULES.get(cfg.comm)
-        self.topology = topologies.get_topology(cfg.topology, n) if rule_cls.decentralized else None
+        self.topology = topologies.get_topology(cfg.topology, n) if cfg.needs_topology() else None
         self.comm = comm or SimulatedComm(n, self.topology, device)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -102,14 +103,18 @@ class Trainer:
         self.workers = Workers(module, len(self.comm.workers), cfg.executor, device, precision=cfg.precision,
                                channels_last=cfg.channels_last, compile=cfg.compile)
         self.epoch_len = epoch_steps(len(data.y_train), cfg.total_batch)
-        self.algo = build_algorithm(cfg, self.workers.layout, self.workers.n, device, cfg.steps, self.epoch_len)
+        ctx = BuildContext(layout=self.workers.layout, n_local=self.workers.n, n=n, device=device,
+                           dtype=self.workers.dtype, total_steps=cfg.steps, epoch_len=self.epoch_len,
+                           warmup=cfg.warmup, lr_at=self.lr, seed=cfg.seed, topology=self.topology)
+        self.algo = build_algorithm(cfg.hyper(), ctx)
         shards = make_shards(data.y_train, n, cfg.partition, cfg.seed)
         self.sampler = Sampler(shards, cfg.batch, cfg.seed, device)
         # Fixed subsets (the same for every algorithm and seed of a comparison).
         g = np.random.default_rng(0)
         k = min(len(data.y_train), cfg.eval_train_samples)
         self.train_subset = torch.from_numpy(np.sort(g.permutation(len(data.y_train))[:k])).to(device)
-        self.bytes_per_step = rule_cls.sends_per_step(n, self.topology) * param_bytes(self.workers.layout, self.workers.dtype)
+        self.bytes_per_step = (type(self.algo.rule).sends_per_step(n, self.topology)
+                               * param_bytes(self.workers.layout, self.workers.dtype))
         self.writer = self.comm.rank == 0  # only one process writes results
 
     def lr(self, t: int) -> float:
@@ -191,8 +196,8 @@ class Trainer:
                 t1 = time.perf_counter()
                 last = self.evaluate()
                 eval_s += time.perf_counter() - t1
-                rows.append({"step": t + 1, "epoch": (t + 1) / self.epoch_len, "lr": lr,
-                             "gamma": self.algo.rule.gamma(ctx), "train_loss_running": loss_acc / max(1, loss_cnt),
+                rows.append({"step": t + 1, "epoch": (t + 1) / self.epoch_len, "lr": lr, **self.algo.rule.log(ctx),
+                             "train_loss_running": loss_acc / max(1, loss_cnt),
                              **last, "train_seconds": train_s})
                 loss_acc, loss_cnt = 0.0, 0
                 if self.writer:

@@ -28,7 +28,10 @@ The format (every key and table is optional: an empty file is one default run pe
     batch = 512
     lr = 0.8
 
-Keys are RunConfig fields (the long names of `dsgdbench run`'s options, `-` or `_`).
+Keys are RunConfig fields (the long names of `dsgdbench run`'s options, `-` or `_`) and
+component parameters, by short name ("rho", set in every component of a run that declares
+it, ignored by the others) or full name ("sam.rho"; a table [base.sam] or a dotted key
+sam.rho = 0.1 is the same).
 A field whose value is itself a list (milestones, betas) takes a list of lists in [grid].
 
 Expansion. For every seed, every grid point and every variant, the configuration is
@@ -57,17 +60,19 @@ On the command line: --seeds replaces the suite's seeds, --results its folder, -
 
 Relative paths (results, data_dir, init) are relative to the current folder. The shipped
 suites are the TOML files in bench/suites/ (package data, read with importlib.resources).
+Planning reads no data: sizes come from the data sets' declared facts (bench.data.dataset_info).
+Running a plan is bench/suite_run.py.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from algorithms.base import all_components, check_key, declared, normalize_key
 from bench import results as results_io
 from bench.config import RunConfig, parse_seeds
 from bench.errors import UserError
@@ -81,11 +86,7 @@ except ImportError:  # Python 3.10
 TOP_LEVEL = ("name", "description", "seeds", "results", "base", "per_algo", "grid", "variants")
 # Fields that are suite-wide settings rather than per-run values.
 NOT_IN_TABLES = {"seed": "seeds = [...]", "seeds": "seeds = [...]", "results": "results = \"DIR\""}
-FIELD_TYPES = {f.name: f.type for f in fields(RunConfig)}
-# Training-set size and default model of image data sets, for planning without the files
-# (a dry run of a CIFAR suite on a machine without CIFAR). Checked against the loaded data
-# whenever it is there.
-KNOWN_SIZES = {"cifar10": (50000, "resnet18"), "cifar100": (50000, "resnet18")}
+FIELD_TYPES = {f.name: f.type for f in RunConfig.core()}
 
 
 @dataclass(frozen=True)
@@ -203,8 +204,12 @@ def parse_suite(text: str, default_name: str, source: str) -> Suite:
 
 
 def _field(key: str) -> Optional[str]:
+    """The normalized name of a core field or a component parameter, None if neither."""
     k = key.replace("-", "_")
-    return k if k in FIELD_TYPES else None
+    if k in FIELD_TYPES:
+        return k
+    nk = normalize_key(key)
+    return nk if declared(nk) else None
 
 
 def _string(data: dict, key: str, default: str, source: str) -> str:
@@ -219,14 +224,28 @@ def _suite_seeds(v: Any, where: str) -> tuple[int, ...]:
 
 
 def _table(table: Any, where: str) -> dict:
-    """A table of RunConfig fields: keys normalised and each value type-checked on its own."""
+    """A table of options: keys normalized, each value type-checked on its own."""
     if not isinstance(table, dict):
         raise UserError(f"{where} must be a table of options (got {table!r})")
     out = {}
-    for k, v in table.items():
+    for k, v in _flatten(table, where).items():
         key = _check_key(k, where)
         _check_value(key, v, where)
         out[key] = v
+    return out
+
+
+def _flatten(table: dict, where: str) -> dict:
+    """A nested table of one component's parameters ([base.sam] rho = 0.1, or sam.rho = 0.1) as full names."""
+    out = {}
+    for k, v in table.items():
+        if isinstance(v, dict):
+            for name, val in v.items():
+                if isinstance(val, dict):
+                    raise UserError(f"{where}: {k}.{name} must be a value, not a table")
+                out[f"{k}.{name}"] = val
+        else:
+            out[k] = v
     return out
 
 
@@ -234,18 +253,30 @@ def _check_key(k: str, where: str) -> str:
     key = k.replace("-", "_")
     if key in NOT_IN_TABLES:
         raise UserError(f"{where}: {k!r} is a top-level setting of the suite ({NOT_IN_TABLES[key]})")
-    if key not in FIELD_TYPES:
-        raise UserError(f"{where}: " + unknown_name("option", k, sorted(FIELD_TYPES)))
-    return key
+    if key in FIELD_TYPES:
+        return key
+    if "." in k or _field(k):
+        return check_key(k, f"{where}: option")
+    names = sorted(FIELD_TYPES) + sorted({p.name for c in all_components() for p in c.params})
+    raise UserError(f"{where}: " + unknown_name("option", k, names))
 
 
 def _check_value(key: str, v: Any, where: str) -> None:
     try:
-        RunConfig.from_dict({key: v})
+        if key in FIELD_TYPES:
+            RunConfig.from_dict({key: v})
+        else:
+            declared(key)[0][1].coerce(v, f"option {key!r}")
     except UserError as e:
         hint = " (in [grid], a list-valued field takes a list of lists)" if (
-            "grid" in where and FIELD_TYPES[key].startswith("tuple")) else ""
+            "grid" in where and _is_tuple(key)) else ""
         raise UserError(f"{where}: {e}{hint}") from None
+
+
+def _is_tuple(key: str) -> bool:
+    if key in FIELD_TYPES:
+        return FIELD_TYPES[key].startswith("tuple")
+    return declared(key)[0][1].type is tuple
 
 
 def _grid(grid: Any, where: str) -> dict:
@@ -256,7 +287,7 @@ def _grid(grid: Any, where: str) -> dict:
     if not grid:
         raise UserError(f"{where}: [grid] is empty; give KEY = [values...] or remove the table")
     out = {}
-    for k, values in grid.items():
+    for k, values in _flatten(grid, f"{where}: [grid]").items():
         key = _check_key(k, f"{where}: [grid]")
         if not isinstance(values, list):
             raise UserError(f"{where}: [grid] {k} must be a list of values, e.g. {k} = [{_toml(values)}]")
@@ -291,7 +322,9 @@ def _toml(v) -> str:
 
 
 def _parse_text(key: str, text: str, flag: str):
-    """A command-line string as a value of the field `key`."""
+    """A command-line string as a value of the core field or parameter `key`."""
+    if key not in FIELD_TYPES:
+        return declared(key)[0][1].parse(text, f"{flag} {key}")
     typ = FIELD_TYPES[key]
     optional = typ.startswith("Optional[")
     base = typ[9:-1] if optional else typ
@@ -320,9 +353,9 @@ def _assignment(item: str, flag: str) -> tuple[str, str]:
     key, eq, value = item.partition("=")
     if not eq or not key.strip():
         raise UserError(f"{flag} {item!r}: use KEY=VALUE, e.g. {flag} algo=dsgd")
-    k = key.strip().replace("-", "_")
-    if k not in FIELD_TYPES:
-        raise UserError(f"{flag} {item!r}: " + unknown_name("option", key.strip(), sorted(FIELD_TYPES)))
+    k = _field(key.strip())
+    if k is None:
+        return _check_key(key.strip(), f"{flag} {item!r}"), value  # raises, with the valid names
     return k, value
 
 
@@ -330,7 +363,7 @@ def parse_filters(items: Iterable[str]) -> dict[str, list]:
     out: dict[str, list] = {}
     for item in items:
         key, text = _assignment(item, "--filter")
-        if FIELD_TYPES[key].startswith("tuple"):
+        if _is_tuple(key):
             raise UserError(f"--filter {item!r}: list-valued fields ({key}) cannot be filtered on")
         values = [_parse_text(key, t, "--filter") for t in text.split(",") if t.strip()]
         if not values:
@@ -350,7 +383,13 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
 
 
 def _matches(cfg: RunConfig, resolved: RunConfig, filters: dict[str, list]) -> bool:
-    return all(getattr(cfg, k) in vs or getattr(resolved, k) in vs for k, vs in filters.items())
+    """Whether the run's field (as written or resolved) or active parameter is one of the values."""
+    def ok(k, vs):
+        if k in FIELD_TYPES:
+            return getattr(cfg, k) in vs or getattr(resolved, k) in vs
+        return any(v in vs for kk, v in resolved.params if k in (kk, kk.rpartition(".")[2]))
+
+    return all(ok(k, vs) for k, vs in filters.items())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,9 +462,8 @@ def plan(suite: Suite, results: Optional[str] = None, seeds: Optional[str] = Non
 def _check_run(suite: Suite, c: RunConfig, n_train: int, graphs: set) -> None:
     """What the runner would only find when it reaches the run: the topology for n workers, the shard size."""
     import topologies
-    from algorithms import RULES
 
-    if RULES.get(c.comm).decentralized and (c.topology, c.workers) not in graphs:
+    if c.needs_topology() and (c.topology, c.workers) not in graphs:
         try:
             topologies.get_topology(c.topology, c.workers)
         except UserError as e:
@@ -452,32 +490,32 @@ def _check_backend(suite: Suite, cfg: RunConfig, check_run: bool, notes: list[st
 
 
 def _data_size(suite: Suite, cfg: RunConfig, check_run: bool, notes: list[str]) -> tuple[int, str]:
-    """(training-set size after the validation split, default model) of the configuration's data set.
+    """(training-set size after the validation split, default model) from the data set's facts.
 
-    The data set is loaded (and cached for the process where the loader caches). An image
-    data set that is not on disk is sized from KNOWN_SIZES when the suite only plans (a dry
-    run) or may download it; a run that would need it fails here, before anything trains.
+    Nothing is loaded. When the suite is about to run, a data set that must be read from disk
+    and is not there is an error now; a dry run only notes it.
     """
-    from bench.data import load_dataset
+    from bench.data import check_available, dataset_info
 
     try:
-        data = load_dataset(cfg.dataset, cfg.data_dir, download=False)
-        n, default_model = len(data.y_train), data.default_model
+        info = dataset_info(cfg.dataset)
+        check_available(cfg.dataset, cfg.data_dir, cfg.download)
     except UserError as e:
-        if cfg.dataset not in KNOWN_SIZES or (check_run and not cfg.download):
+        if check_run or "not found" not in str(e):
             raise UserError(f"suite {suite.name}: {e}") from None
-        n, default_model = KNOWN_SIZES[cfg.dataset]
-        note = (f"{cfg.dataset} is not on disk here (planned with its {n} training samples); "
+        info = dataset_info(cfg.dataset)
+        note = (f"{cfg.dataset} is not on disk here (planned with its {info.n_train} training samples); "
                 f"running needs --data-dir DIR")
         if note not in notes:
             notes.append(note)
+    n = info.n_train
     if cfg.val_fraction > 0:
         k = int(round(cfg.val_fraction * n))  # as Dataset.split_validation
         if not 0 < k < n:
             raise UserError(f"suite {suite.name}: --val-fraction {cfg.val_fraction} leaves no training or no "
                             f"validation samples (N={n})")
         n -= k
-    return n, default_model
+    return n, info.default_model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,75 +549,6 @@ def plan_counts(p: Plan) -> str:
         lines.append(f"{p.expanded} configurations expanded; " + "; ".join(extra))
     lines += [f"note: {n}" for n in p.notes]
     return "\n".join(lines)
-
-
-def next_command(p: Plan) -> str:
-    algos = list(dict.fromkeys(r.cfg.algo for r in p.runs))
-    baseline = "csgd" if "csgd" in algos else algos[0]
-    return f"dsgdbench compare {p.results} --baseline {baseline}"
-
-
-def _run_line(s: dict) -> str:
-    head = f"{s['algo']} {s['topology']} n{s['workers']} b{s['batch']} lr {s['lr']:g} seed {s['seed']}"
-    if s["status"] == "diverged":
-        return f"{head}: [red]diverged[/red] at step {s['diverged_step']}  -> {s['run_dir']}"
-    eig = f"  top-1 eig {s['top_eig']:.2f}" if s.get("top_eig") is not None else ""
-    return (f"{head}: test acc {s['test_acc']:.2f}%  loss {s['test_loss']:.3f}{eig}  "
-            f"train {s['train_seconds']:.1f}s")
-
-
-# ----------------------------------------------------------------------------------------------
-# Running a plan
-
-
-def execute(p: Plan, out, err) -> dict:
-    """Run the runs still to do, one after the other; print one line per run and a summary.
-
-    out, err: rich consoles (the per-run lines go to out, the progress bars to err; the bars
-    are off when err is not a terminal). Returns the counts: ran, skipped, diverged, seconds.
-    """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from bench.runner import bar_progress, run as run_one
-
-    results_io.prepare_results_dir(p.results)
-    todo = p.todo
-    counts = {"ran": 0, "skipped": len(p.runs) - len(todo), "diverged": 0, "seconds": 0.0}
-    out.print(f"suite {p.suite.name}: {len(p.runs)} runs in {p.results} ({counts['skipped']} already done, "
-              f"{len(todo)} to run)", highlight=False, soft_wrap=True)
-    t0 = time.perf_counter()
-    position = counts["skipped"]
-    try:
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err, transient=True,
-                      disable=not err.is_terminal) as bar:
-            runs_task = bar.add_task("runs", total=len(p.runs), completed=position, info="")
-            steps_task = bar.add_task("", total=None, info="")
-            for r in todo:
-                c = r.resolved
-                bar.update(steps_task, description=f"{c.algo} {c.topology} seed {c.seed}", completed=0,
-                           total=c.steps, info="")
-                s = run_one(r.cfg, progress=bar_progress(bar, steps_task), force=p.force)
-                position += 1
-                if s.get("skipped"):  # finished in the meantime (another process)
-                    counts["skipped"] += 1
-                    out.print(f"[{position}/{len(p.runs)}] [dim]skipped (already {s['status']}): {r.run_id}[/dim]",
-                              soft_wrap=True)
-                else:
-                    counts["ran"] += 1
-                    counts["diverged"] += s["status"] == "diverged"
-                    out.print(f"[{position}/{len(p.runs)}] {_run_line(s)}", highlight=False, soft_wrap=True)
-                bar.advance(runs_task)
-    except KeyboardInterrupt:
-        err.print(f"interrupted: {position} of {len(p.runs)} runs finished and kept; "
-                  f"run the same command again to continue")
-        raise
-    counts["seconds"] = time.perf_counter() - t0
-    div = f" ({counts['diverged']} diverged)" if counts["diverged"] else ""
-    out.print(f"suite {p.suite.name}: ran {counts['ran']}{div}, skipped {counts['skipped']} (already done), "
-              f"{counts['seconds']:.0f} s", highlight=False, soft_wrap=True)
-    out.print(f"next: {next_command(p)}", highlight=False, markup=False, soft_wrap=True)
-    return counts
 
 
 def listing() -> list[tuple[str, str]]:

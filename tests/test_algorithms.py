@@ -16,14 +16,15 @@ import torch
 import torch.nn.functional as F
 
 import topologies
-from algorithms import OPTIMIZERS, ORACLES, PRESETS, StepContext
+from algorithms import PRESETS, RULES, StepContext
 from algorithms.adsam import noise_seed
 from bench.comm import SimulatedComm
 from bench.config import RunConfig
 from bench.errors import UserError
 from bench.models import build_model
 from bench.runner import Trainer, run
-from bench.workers import Workers
+from bench.workers import ParamLayout, Workers
+from helpers import component
 
 CPU = torch.device("cpu")
 # Every run here is in float64 (precision "fp64"), and so is every reference. Error budget: float64's
@@ -254,7 +255,7 @@ def test_dsgd_ac_gamma_start_and_warmup():
     from algorithms import RULES
 
     def rule(**kw):
-        return RULES.get("gossip-ac")(RunConfig(**kw), 100, 10)
+        return component(RunConfig(algo="dsgd-ac", **kw), "comm", total_steps=100, epoch_len=10)
 
     ctx = lambda t, lr: StepContext(t, lr, 0.1, None, 0)  # noqa: E731
     r = rule(ac_start="0.2", p=3.0)
@@ -367,7 +368,7 @@ def test_two_pass_oracles_update_bn_statistics_once(algo):
     cfg = RunConfig(algo=algo, rho=0.05, sigma=0.05, samples=3, seed=1)
     w, x, y = _image_workers()
     ref = copy.deepcopy(w)
-    oracle = ORACLES.get("sam" if algo == "sam" else "adsam")(cfg, w.layout, CPU)
+    oracle = component(cfg, "grad", layout=w.layout, n_local=2)
     ctx = StepContext(0, 0.1, 0.1, SimulatedComm(2, None, CPU), cfg.seed)
     oracle(w, w.X, x, y, ctx)
     # reference: exactly one train pass, at x (SAM) or at the first noisy point (AD-SAM)
@@ -421,7 +422,7 @@ def test_lamb_steps_match_reference(tiny_cfg, synthetic, clip):
     cfg = tiny_cfg.replace(algo="lamb", workers=n, steps=T, lr=lr, weight_decay=wd, clip=clip)
     tr = make_trainer(cfg, synthetic)
     X = tr.workers.X.double().clone()
-    ref = LambRef(tr.workers.module, cfg.betas, cfg.eps, wd, clip)
+    ref = LambRef(tr.workers.module, cfg.param("betas"), cfg.param("eps"), wd, clip)
     for t in range(T):
         x, y = tr.batch(t)
         G = grads64(tr.workers.module, X, x, y).mean(0)
@@ -438,7 +439,7 @@ def test_d_lamb_steps_match_formula(tiny_cfg, synthetic):
     cfg = tiny_cfg.replace(algo="d-lamb", topology="ring", workers=n, steps=T, lr=lr, weight_decay=wd)
     tr = make_trainer(cfg, synthetic)
     X = perturb_rows(tr)
-    refs = [LambRef(tr.workers.module, cfg.betas, cfg.eps, wd) for _ in range(n)]
+    refs = [LambRef(tr.workers.module, cfg.param("betas"), cfg.param("eps"), wd) for _ in range(n)]
     W = torch.from_numpy(topologies.get_topology("ring", n).weights(0))
     for t in range(T):
         x, y = tr.batch(t)
@@ -470,8 +471,8 @@ def test_lamb_equals_timm_lamb(wd):
     module = build_model("mlp", (1, 6), 3).double()
     cfg = RunConfig(opt="lamb", weight_decay=wd, betas=(0.9, 0.99), eps=1e-6)
     w = Workers(copy.deepcopy(module), 1, "native")
-    lamb = OPTIMIZERS.get("lamb")(cfg, w.layout, 1, CPU)
-    opt = _timm_lamb(module, 0.02, cfg.betas, cfg.eps, wd, always_adapt_2d=(wd == 0))
+    lamb = component(cfg, "opt", layout=w.layout)
+    opt = _timm_lamb(module, 0.02, cfg.param("betas"), cfg.param("eps"), wd, always_adapt_2d=(wd == 0))
     X = flat(module).unsqueeze(0)
     g = torch.Generator().manual_seed(1)
     for t in range(6):
@@ -491,7 +492,7 @@ def test_lamb_preset_single_worker_equals_timm_lamb(tiny_cfg, synthetic):
     cfg = tiny_cfg.replace(algo="lamb", workers=1, batch=16, steps=T, lr=lr, weight_decay=wd, schedule="cosine")
     tr = make_trainer(cfg, synthetic)
     module = copy.deepcopy(tr.workers.module)
-    opt = _timm_lamb(module, lr, cfg.betas, cfg.eps, wd)
+    opt = _timm_lamb(module, lr, cfg.param("betas"), cfg.param("eps"), wd)
     for t in range(T):
         x, y = tr.batch(t)
         opt.param_groups[0]["lr"] = opt.param_groups[1]["lr"] = cosine(t, lr, T)
@@ -581,17 +582,16 @@ def test_every_preset_runs_and_reports_costs(tiny_cfg, tmp_path, algo):
     assert on_disk["status"] == "completed" and on_disk["steps"] == 5 and on_disk["algo"] == algo
     for k in ("test_acc", "test_loss", "train_loss", "consensus_distance"):
         assert on_disk[k] is not None and math.isfinite(on_disk[k])
-    preset = PRESETS.get(algo)
-    evals = {"plain": 1, "sam": 2, "adsam": samples}[preset["grad"]]
+    # expectations from the components themselves: gradient evaluations, messages per step
+    evals = component(cfg, "grad", layout=ParamLayout(build_model("mlp", (1, 16), 4))).grad_evals
     assert on_disk["grad_evals_per_step"] == evals
     assert on_disk["flops_per_step"] > 0
     assert on_disk["flops_per_step"] == evals * _mlp_flops(cfg.batch)
     d = on_disk["params"]
     assert d == 16 * 128 + 128 + 128 * 128 + 128 + 128 * 4 + 4
-    if preset["comm"] == "allreduce":
-        assert on_disk["bytes_per_step"] == pytest.approx(2 * (n - 1) / n * 4 * d)
-    else:
-        assert on_disk["bytes_per_step"] == pytest.approx(2 * 4 * d)  # ring: two neighbours
+    rule = RULES.get(cfg.component("comm"))
+    topo = topologies.get_topology("ring", n) if rule.needs_topology else None
+    assert on_disk["bytes_per_step"] == pytest.approx(rule.sends_per_step(n, topo) * 4 * d)
     assert len(_read_csv(tmp_path / "results" / s["run_id"] / "metrics.csv")) == 5
 
 

@@ -388,14 +388,17 @@ BAD_RUN_ARGS = {
     "schedule": (["--schedule", "foo"], ("--schedule", "foo", "cosine")),
     "order": (["--order", "foo"], ("--order", "foo", "cta")),
     "lr-scaling": (["--lr-scaling", "sqrt"], ("--lr-scaling", "sqrt")),
-    "rho0": (["--rho", "0"], ("--rho", "> 0")),
-    "rho-neg": (["--rho=-0.1"], ("--rho",)),
-    "sigma-neg": (["--sigma=-1"], ("--sigma", ">= 0")),
-    "p-neg": (["--p=-1"], ("--p", ">= 0")),
-    "betas-1": (["--betas", "0.9,1.0"], ("--betas", "[0, 1)")),
-    "betas-neg": (["--betas=-0.1,0.9"], ("--betas",)),
-    "betas-count": (["--betas", "0.9"], ("--betas", "2")),
-    "betas-text": (["--betas", "a,b"], ("--betas",)),
+    "rho0": (["--algo", "sam", "--rho", "0"], ("--rho", "> 0")),
+    "rho-neg": (["--algo", "sam", "--rho=-0.1"], ("--rho",)),
+    "rho-unused": (["--rho", "0.1"], ("--rho", "dsgd", "sam")),
+    "set-unknown": (["--set", "sam.rhoo=1"], ("rhoo", "did you mean 'rho'")),
+    "set-component": (["--set", "sma.rho=1"], ("sma", "sam")),
+    "sigma-neg": (["--algo", "ad-sam", "--sigma=-1"], ("--sigma", ">= 0")),
+    "p-neg": (["--algo", "dsgd-ac", "--p=-1"], ("--p", ">= 0")),
+    "betas-1": (["--algo", "lamb", "--betas", "0.9,1.0"], ("--betas", "[0, 1)")),
+    "betas-neg": (["--algo", "lamb", "--betas=-0.1,0.9"], ("--betas",)),
+    "betas-count": (["--algo", "lamb", "--betas", "0.9"], ("--betas", "2")),
+    "betas-text": (["--algo", "lamb", "--betas", "a,b"], ("--betas",)),
     "grad": (["--grad", "foo"], ("gradient oracle", "foo", "sam")),
     "opt": (["--opt", "adam"], ("adam", "sgd")),
     "comm": (["--comm", "gosip"], ("gosip", "gossip")),
@@ -404,7 +407,7 @@ BAD_RUN_ARGS = {
     "seeds": (["--seeds", "a,b"], ("--seeds",)),
     "milestones": (["--schedule", "multistep", "--milestones", "0.5,1.5"], ("--milestones",)),
     "momentum": (["--momentum", "1.0"], ("--momentum",)),
-    "ac-start": (["--ac-start", "soon"], ("--ac-start", "soon")),
+    "ac-start": (["--algo", "dsgd-ac", "--ac-start", "soon"], ("--ac-start", "soon")),
     "val-fraction": (["--val-fraction", "1.0"], ("--val-fraction",)),
     "device": (["--device", "tpu"], ("--device", "tpu")),
     "lr0": (["--lr", "0"], ("--lr",)),
@@ -614,8 +617,8 @@ def test_config_short_and_negative_flags_win(tmp_path):
     assert_ok(cli("run", "--config", cfg, "-n", "4", "--no-wd-1d"))
     (d,) = run_dirs(root)
     config = json.loads((d / "config.json").read_text())
-    assert config["workers"] == 4 and config["wd_1d"] is False
-    assert config["nesterov"] is True  # not typed: from the file
+    assert config["workers"] == 4 and config["params"]["sgd.wd_1d"] is False
+    assert config["params"]["sgd.nesterov"] is True  # not typed: from the file
 
 
 def test_config_unknown_key(tmp_path, monkeypatch, finished):
@@ -656,6 +659,6 @@ def test_config_seeds_and_force(tmp_path, monkeypatch):
 
 
 def test_toml_ac_start_may_be_a_number():
-    assert RunConfig.from_dict({"ac_start": 0.1}).validate().ac_start_value() == ("fraction", 0.1)
+    assert RunConfig.from_dict({"algo": "dsgd-ac", "ac_start": 0.1}).validate().param("ac_start") == "0.1"
     with pytest.raises(UserError, match="ac_start"):
         RunConfig.from_dict({"ac_start": True})

@@ -226,10 +226,10 @@ def test_channels_last_input_layout():
 
 
 def test_non_semantic_options_keep_the_run_id():
-    base = RunConfig(dataset="synthetic")
+    base = RunConfig(dataset="synthetic").resolve(512, "mlp")
     for kw in (dict(executor="vmap"), dict(channels_last=True), dict(compile=True)):
         assert base.replace(**kw).run_id() == base.run_id()
-    assert base.replace(precision="bf16").run_id() != base.run_id()
+    assert base.replace(precision="bf16").resolve(512, "mlp").run_id() != base.run_id()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -133,7 +133,8 @@ def test_quick_suite_contents():
         assert c.topology == ("ring" if c.algo in DECENTRALIZED else "allreduce")
         tuned_lr = {"dsgd": 0.4, "dsgd-ac": 0.4, "lamb": 0.02, "d-lamb": 0.05}  # the per-algorithm tables
         assert c.lr == tuned_lr.get(c.algo, 0.2)
-        assert c.ac_start == ("0.5" if c.algo == "dsgd-ac" else RunConfig.ac_start)
+        if c.algo == "dsgd-ac":
+            assert c.param("ac_start") == "0.5"
         assert c.steps == 80 * (3600 // 512)  # 80 epochs of the 3600 training samples left by val_fraction 0.1
 
 
@@ -161,13 +162,16 @@ def test_cifar_suites_contents(wrn, tmp_path):
         c = r.resolved
         assert (c.dataset, c.model, c.steps, c.warmup, c.schedule, c.milestones) == (
             "cifar10", "resnet18", 6000, 60, "multistep", (0.4, 0.8))
-        assert (c.momentum, c.weight_decay, c.augment, c.device) == (0.9, 5e-4, True, "cuda")
+        assert (c.param("momentum"), c.param("weight_decay"), c.augment, c.device) == (0.9, 5e-4, True, "cuda")
     p = planned("dsgdac-table", data_dir=str(tmp_path))
     assert sorted({r.cfg.algo for r in p.runs}) == sorted(SEVEN)
     for r in p.runs:
         c = r.resolved
-        assert (c.model, c.batch, c.wd_1d, c.schedule, c.p, c.ac_start, c.rho) == (
-            "wrn28_10", 128, False, "cosine", 3.0, "10ep", 0.05)
+        assert (c.model, c.batch, c.schedule) == ("wrn28_10", 128, "cosine")
+        values = dict(c.params)
+        for key, want in (("sgd.wd_1d", False), ("gossip-ac.p", 3.0), ("gossip-ac.ac_start", "10ep"),
+                          ("sam.rho", 0.05)):
+            assert values.get(key, want) == want  # where the run has that component
         assert c.warmup == 10 * (50000 // (16 * 128))
         assert c.steps == 200 * (50000 // (16 * 128))
         assert c.topology == ("ring" if c.algo in DECENTRALIZED else "allreduce")
@@ -415,9 +419,9 @@ weight_decay = 0.0
     p = planned(write(tmp_path / "t.toml", text))
     assert len(p.runs) == 12
     for r in p.runs:
-        c = r.cfg
-        assert (c.batch, c.momentum) in ((4, 0.5), (8, 0.0))
-        assert c.weight_decay == (0.0 if c.algo == "dsgd" else RunConfig.weight_decay)
+        c = r.resolved
+        assert (c.batch, c.param("momentum")) in ((4, 0.5), (8, 0.0))
+        assert c.param("weight_decay") == (0.0 if c.algo == "dsgd" else 5e-4)
     with pytest.raises(UserError, match="per_algo.dsgd"):
         planned(write(tmp_path / "u.toml", text.replace("weight_decay = 0.0", "momentum = 0.9")))
 

@@ -11,6 +11,7 @@ from topologies.base import (
     get_topology,
     is_connected,
     metropolis_hastings,
+    parse_spec,
     validate_matrix,
 )
 
@@ -22,5 +23,6 @@ __all__ = [
     "get_topology",
     "is_connected",
     "metropolis_hastings",
+    "parse_spec",
     "validate_matrix",
 ]

@@ -234,16 +234,9 @@ def _read_toml(path: Path) -> dict:
 
 
 def _print_run(s: dict) -> None:
-    if s.get("skipped"):
-        out.print(f"[dim]skipped (already {s['status']}): {s['run_dir']}  (--force reruns)[/dim]")
-        return
-    if s["status"] == "diverged":
-        out.print(f"[red]diverged[/red] at step {s['diverged_step']}: {s['run_dir']}")
-        return
-    eig = f"  top-1 eig {s['top_eig']:.2f}" if s.get("top_eig") is not None else ""
-    out.print(f"{s['algo']:8s} {s['topology']:12s} seed {s['seed']}: test acc {s['test_acc']:.2f}%  "
-              f"loss {s['test_loss']:.3f}  consensus {s['consensus_distance']:.2e}{eig}  "
-              f"train {s['train_seconds']:.1f}s  -> {s['run_dir']}")
+    from bench.runner import summary_line
+
+    out.print(summary_line(s), highlight=False, soft_wrap=True)
 
 
 @app.command()

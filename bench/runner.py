@@ -50,6 +50,19 @@ def bar_progress(bar, task) -> Progress:
     return update
 
 
+def summary_line(s: dict) -> str:
+    """One line (rich markup) for a finished run, shared by `run` and `suite`."""
+    head = f"{s['algo']} {s['topology']} n{s['workers']} b{s['batch']} lr {s['lr']:g} seed {s['seed']}"
+    if s.get("skipped"):
+        return f"[dim]skipped (already {s['status']}; --force reruns): {head} -> {s['run_dir']}[/dim]"
+    if s["status"] != "completed":
+        step = s.get("diverged_step", s.get("failed_step"))
+        return f"{head}: [red]{s['status']}[/red] at step {step}  -> {s['run_dir']}"
+    eig = f"  top-1 eig {s['top_eig']:.2f}" if s.get("top_eig") is not None else ""
+    return (f"{head}: test acc {s['test_acc']:.2f}%  loss {s['test_loss']:.3f}  consensus "
+            f"{s['consensus_distance']:.2e}{eig}  train {s['train_seconds']:.1f}s  -> {s['run_dir']}")
+
+
 def device_of(cfg: RunConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")

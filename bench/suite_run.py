@@ -21,15 +21,6 @@ def next_command(p: Plan) -> str:
     return f"dsgdbench compare {p.results} --baseline {baseline}"
 
 
-def _run_line(s: dict) -> str:
-    head = f"{s['algo']} {s['topology']} n{s['workers']} b{s['batch']} lr {s['lr']:g} seed {s['seed']}"
-    if s["status"] == "diverged":
-        return f"{head}: [red]diverged[/red] at step {s['diverged_step']}  -> {s['run_dir']}"
-    eig = f"  top-1 eig {s['top_eig']:.2f}" if s.get("top_eig") is not None else ""
-    return (f"{head}: test acc {s['test_acc']:.2f}%  loss {s['test_loss']:.3f}{eig}  "
-            f"train {s['train_seconds']:.1f}s")
-
-
 def execute(p: Plan, out, err) -> dict:
     """Run the runs still to do, one after the other; print one line per run and a summary.
 
@@ -38,7 +29,7 @@ def execute(p: Plan, out, err) -> dict:
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from bench.runner import bar_progress, run as run_one
+    from bench.runner import bar_progress, run as run_one, summary_line
 
     results_io.prepare_results_dir(p.results)
     todo = p.todo
@@ -66,7 +57,7 @@ def execute(p: Plan, out, err) -> dict:
                 else:
                     counts["ran"] += 1
                     counts["diverged"] += s["status"] == "diverged"
-                    out.print(f"[{position}/{len(p.runs)}] {_run_line(s)}", highlight=False, soft_wrap=True)
+                    out.print(f"[{position}/{len(p.runs)}] {summary_line(s)}", highlight=False, soft_wrap=True)
                 bar.advance(runs_task)
     except KeyboardInterrupt:
         err.print(f"interrupted: {position} of {len(p.runs)} runs finished and kept; "

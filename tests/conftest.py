@@ -1,9 +1,21 @@
-"""Shared fixtures: the tiny synthetic data set and a small run configuration."""
+"""Shared fixtures: the tiny synthetic data set and a small run configuration.
 
-import pytest
+The test plug-in tests/plugins/signum.py (an optimizer with a parameter of its own, and a
+preset) is registered for the whole session through DSGDBENCH_PLUGINS, set before anything
+imports the registries; processes the tests start (distributed ranks, CLI subprocesses)
+inherit it. Every test that loops over the registries therefore covers it as well.
+"""
 
-from bench.config import RunConfig
-from bench.data import load_dataset
+import os
+from pathlib import Path
+
+PLUGIN = str(Path(__file__).parent / "plugins" / "signum.py")
+os.environ["DSGDBENCH_PLUGINS"] = ",".join(filter(None, [os.environ.get("DSGDBENCH_PLUGINS"), PLUGIN]))
+
+import pytest  # noqa: E402
+
+from bench.config import RunConfig  # noqa: E402
+from bench.data import load_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session")

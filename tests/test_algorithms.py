@@ -604,3 +604,44 @@ def test_divergence_is_a_result(tiny_cfg, tmp_path):
     assert on_disk["test_acc"] is None
     assert not (run_dir / "model.pt").exists()
     assert len(_read_csv(run_dir / "metrics.csv")) == on_disk["diverged_step"]  # one row per finished step
+
+
+# ----------------------------------------------------------------------------------------------
+# every registered component honours the contract of bench/spec.py
+
+
+def _all_components():
+    from algorithms.base import registries
+
+    return [(reg, name) for reg in registries() for name in reg]
+
+
+@pytest.mark.parametrize("reg,name", _all_components(), ids=lambda v: getattr(v, "kind", v))
+def test_component_contract(reg, name):
+    from bench.spec import Component, LocalOptimizer, Oracle, Rule
+
+    cls = reg.get(name)
+    assert issubclass(cls, Component) and cls.name == name and reg.help(name)
+    names = [p.name for p in cls.params]
+    assert len(names) == len(set(names)), "a parameter declared twice"
+    for p in cls.params:
+        assert p.help and p.name.isidentifier()
+        p.validate(p.default, f"{name}.{p.name}")  # the default passes its own check
+        assert p.coerce(p.default, p.name) == p.default
+    protocol = {"gradient oracle": Oracle, "local optimizer": LocalOptimizer, "communication rule": Rule}.get(reg.kind)
+    if protocol is None:
+        return
+    kind = {"gradient oracle": "grad", "local optimizer": "opt", "communication rule": "comm"}[reg.kind]
+    cfg = RunConfig(dataset="synthetic", model="mlp", workers=4, **{kind: name})
+    module = build_model("mlp", (1, 16), 4)
+    obj = component(cfg, kind, layout=ParamLayout(module), n_local=4,
+                    topology=topologies.get_topology("ring", 4) if kind == "comm" else None)
+    assert isinstance(obj, protocol)
+    if kind == "grad":
+        assert isinstance(obj.grad_evals, int) and obj.grad_evals >= 1
+    if kind == "comm":
+        topo = topologies.get_topology("ring", 4) if obj.needs_topology else None
+        assert obj.sends_per_step(4, topo) >= 0
+    state = obj.state_dict()
+    assert set(state) == set(cls.state_keys)
+    obj.load_state_dict(state)

@@ -662,3 +662,29 @@ def test_toml_ac_start_may_be_a_number():
     assert RunConfig.from_dict({"algo": "dsgd-ac", "ac_start": 0.1}).validate().param("ac_start") == "0.1"
     with pytest.raises(UserError, match="ac_start"):
         RunConfig.from_dict({"ac_start": True})
+
+
+# ----------------------------------------------------------------------------------------------
+# a component added in one file (tests/plugins/signum.py, registered through DSGDBENCH_PLUGINS)
+
+
+def test_plugin_component_shows_in_help_and_list():
+    res = cli("run", "--help")
+    assert_ok(res)
+    assert "--beta" in res.output and "Signum momentum" in res.output
+    res = cli("list", "components")
+    assert_ok(res)
+    assert "--opt signum" in res.output and "signum.beta" in res.output
+    res = cli("list", "algorithms")
+    assert "d-signum" in res.output
+
+
+def test_plugin_component_runs_through_the_cli(tmp_path):
+    root = tmp_path / "res"
+    assert_ok(cli("run", *TINY, "--workers", "4", "--algo", "d-signum", "--beta", "0.7", "--results", root))
+    (d,) = run_dirs(root)
+    config = json.loads((d / "config.json").read_text())
+    assert config["opt"] == "signum" and config["params"]["signum.beta"] == 0.7
+    assert json.loads((d / "summary.json").read_text())["status"] == "completed"
+    assert_user_error(cli("run", *TINY, "--algo", "d-signum", "--beta", "1.5", "--results", root),
+                      "--beta", "signum.beta", "[0, 1)")

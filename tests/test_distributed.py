@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import topologies
+from algorithms import PRESETS
 from bench.config import RunConfig
 from bench.distributed import ENV_VARS, check_procs, init_from_env, launch
 from bench.errors import UserError
@@ -32,9 +33,8 @@ BASE = dict(dataset="synthetic", model="mlp", batch=8, steps=20, lr=0.1, schedul
             eval_every=10, device="cpu", dist_timeout=60.0, precision="fp64")
 REL = 1e-10
 ELEMENT = 8  # bytes of a float64 parameter
-GOSSIP_ALGOS = ("dsgd", "dsgd-ac", "d-lamb")
-ALLREDUCE_ALGOS = ("csgd", "sam", "ad-sam", "lamb")
-ALGOS = GOSSIP_ALGOS + ALLREDUCE_ALGOS
+ALGOS = tuple(PRESETS.names())  # every registered preset, plug-ins included
+GOSSIP_ALGOS = tuple(a for a in ALGOS if RunConfig(algo=a).needs_topology())
 GOSSIP_TOPOLOGIES = ("ring", "one-peer-exp")
 MIX_TOPOLOGIES = tuple(sorted(set(topologies.TOPOLOGIES) - {"file"}))
 
@@ -44,14 +44,10 @@ def job(algo: str, topology: str, n: int) -> dict:
 
 
 def jobs_for(P: int) -> list[dict]:
-    """P = 2 runs every algorithm; P = 4 a cross-section (csgd, dsgd, dsgd-ac, sam, d-lamb; both topologies; both n)."""
-    out = []
-    for n in (4, 8):
-        for algo in ALGOS:
-            for topo in (GOSSIP_TOPOLOGIES if algo in GOSSIP_ALGOS else ("ring",)):
-                if P == 2 or algo in ("dsgd", "csgd") or (n == 8 and (algo in GOSSIP_ALGOS or algo == "sam")):
-                    out.append(job(algo, topo, n))
-    return out
+    """Every preset with both world sizes: P = 2 at n = 4 (gossip: on both topologies, so a
+    time-varying graph crosses ranks too), P = 4 at n = 8 on the ring."""
+    n, topos = (4, GOSSIP_TOPOLOGIES) if P == 2 else (8, ("ring",))
+    return [job(a, t, n) for a in ALGOS for t in (topos if a in GOSSIP_ALGOS else ("ring",))]
 
 
 # ---------------------------------------------------------------------- process helpers
@@ -251,13 +247,12 @@ def test_bytes_sent_recorded(suite):
 
 
 def test_every_combination_covered():
-    """Each algorithm of the brief with both P; each P with both topologies and both n."""
+    """Each registered preset with both P; the gossip ones on both topologies at P = 2."""
     seen = {(j["algo"], j["topology"], j["workers"], P) for P in (2, 4) for j in jobs_for(P)}
-    for algo in ("csgd", "dsgd", "dsgd-ac", "sam", "d-lamb"):
+    for algo in PRESETS:
         assert {P for a, _, _, P in seen if a == algo} == {2, 4}, algo
-    for P in (2, 4):
-        assert {t for _, t, _, q in seen if q == P} >= set(GOSSIP_TOPOLOGIES)
-        assert {n for _, _, n, q in seen if q == P} == {4, 8}
+    assert {t for a, t, _, P in seen if P == 2 and a in GOSSIP_ALGOS} == set(GOSSIP_TOPOLOGIES)
+    assert {n for *_, n, _ in seen} == {4, 8}
 
 
 # ---------------------------------------------------------------------- failures

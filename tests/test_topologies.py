@@ -7,22 +7,19 @@ import numpy as np
 import pytest
 
 from bench.errors import UserError
-from topologies import TOPOLOGIES, get_topology, is_connected, metropolis_hastings, validate_matrix
+from topologies import TOPOLOGIES, get_topology, is_connected, metropolis_hastings, supports, validate_matrix
 
 NS = list(range(1, 21)) + [32, 64]
 FAMILIES = [name for name in TOPOLOGIES.names() if name != "file"]
 
 
+def expected_to_fail(name, n):
+    """What the family itself declares (topologies.supports); test_supports_is_right checks the declarations."""
+    return supports(TOPOLOGIES.get(name), n) is not None
+
+
 def _factors(n):
     return any(n % r == 0 for r in range(2, math.isqrt(n) + 1))
-
-
-def expected_to_fail(name, n):
-    if name in ("torus", "grid"):
-        return n != 1 and not _factors(n)
-    if name == "one-peer-exp":
-        return n & (n - 1) != 0
-    return False
 
 
 def build(name, n):
@@ -33,6 +30,14 @@ def build(name, n):
         pytest.skip(f"{name} n={n}: {e}")
     assert not expected_to_fail(name, n), f"{name} n={n} should have raised UserError"
     return topo
+
+
+def test_supports_is_right():
+    """The declarations of the three families with limits, against independent arithmetic."""
+    for n in NS:
+        assert (supports(TOPOLOGIES.get("torus"), n) is None) == (n == 1 or _factors(n))
+        assert (supports(TOPOLOGIES.get("grid"), n) is None) == (n == 1 or _factors(n))
+        assert (supports(TOPOLOGIES.get("one-peer-exp"), n) is None) == (n & (n - 1) == 0)
 
 
 def test_every_family_registered():

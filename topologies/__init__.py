@@ -12,6 +12,7 @@ from topologies.base import (
     is_connected,
     metropolis_hastings,
     parse_spec,
+    supports,
     validate_matrix,
 )
 
@@ -24,5 +25,6 @@ __all__ = [
     "is_connected",
     "metropolis_hastings",
     "parse_spec",
+    "supports",
     "validate_matrix",
 ]

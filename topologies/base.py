@@ -9,7 +9,9 @@ reach consensus.
 
 Each family lives in its own module of this package and registers a factory
 ``factory(n, arg) -> Topology`` in TOPOLOGIES under its name; ``get_topology``
-turns a spec such as "torus:4x8" into a validated Topology.
+turns a spec such as "torus:4x8" into a validated Topology. A family that cannot
+form every worker count says which it can: ``factory.supports(n)`` returns None or
+the reason (``supports(family, n)`` reads it; families without one take any n).
 """
 
 from __future__ import annotations
@@ -300,6 +302,12 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     name = name.strip()
     arg = arg.strip() if sep else None
     return name, (arg or None)
+
+
+def supports(family, n: int) -> str | None:
+    """None if the family can form a graph of n workers, else why not (a family's optional `supports`)."""
+    check = getattr(family, "supports", None)
+    return check(n) if check is not None else None
 
 
 def get_topology(spec: str, n: int) -> Topology:

@@ -22,3 +22,10 @@ def one_peer_exp(n: int, arg: str | None) -> Topology:
         pairs = [(i, i ^ (1 << k)) for i in range(n) if i < i ^ (1 << k)]
         mats.append(pairing_matrix(n, pairs))
     return Topology("one-peer-exp", n, mats)
+
+
+def _supports(n: int) -> str | None:
+    return None if n & (n - 1) == 0 else "needs n a power of two"
+
+
+one_peer_exp.supports = _supports

@@ -4,7 +4,7 @@ Metropolis-Hastings weights, i.e. uniform 1/5 when r, c >= 3.
 Default shape: the most square n = r x c with 2 <= r <= c; "torus:RxC" picks one.
 """
 
-from topologies.base import TOPOLOGIES, Topology, grid_shape, metropolis_hastings
+from topologies.base import TOPOLOGIES, Topology, factorisations, grid_shape, metropolis_hastings
 
 
 def grid_edges(r: int, c: int, wrap: bool) -> list[tuple[int, int]]:
@@ -27,3 +27,11 @@ def torus(n: int, arg: str | None) -> Topology:
     topo = Topology(f"torus:{r}x{c}", n, [W])
     topo.shape = (r, c)
     return topo
+
+
+def _supports(n: int) -> str | None:
+    """Worker counts a 2-D torus can hold: n = r x c with r, c >= 2 (or the single worker)."""
+    return None if n == 1 or factorisations(n) else "needs n = r x c with r, c >= 2"
+
+
+torus.supports = _supports

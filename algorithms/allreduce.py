@@ -7,23 +7,17 @@ per step is that of a ring all-reduce, 2 (n - 1) / n model sizes.
 """
 
 from algorithms.base import RULES
-from bench.spec import Component
+from bench.spec import RuleBase
 
 
 @RULES.register("allreduce", "average gradients over all workers (C-SGD)")
-class AllReduce(Component):
-    needs_topology = False
-
+class AllReduce(RuleBase):
     def __init__(self, hp, ctx):
         pass
-
-    def log(self, ctx) -> dict:
-        return {}
 
     def step(self, X, G, optimizer, ctx):
         U = optimizer.direction(X, ctx.comm.allreduce_mean(G))
         return X - ctx.lr * U
 
-    @staticmethod
-    def sends_per_step(n: int, topology) -> float:
+    def sends_per_step(self, n: int, topology) -> float:
         return 2 * (n - 1) / n

@@ -159,12 +159,22 @@ def own(a: Active, values: dict) -> SimpleNamespace:
 
 
 def validate(r: Resolved) -> None:
-    """Each active component's parameters: their own checks, then the component's cross-checks."""
+    """Each active component's parameters: their own checks, the component's cross-checks, then the
+    checks against the other components (a rule's needs of the optimizer, Component.check_run)."""
     for a in r.active:
         for p in a.cls.params:
             full = f"{a.name}.{p.name}"
             p.validate(r.values[full], f"--{p.name.replace('_', '-')} ({full})")
         a.cls.check(own(a, r.values))
+    kinds = {a.kind: a for a in r.active}
+    rule, opt = kinds["comm"], kinds["opt"]
+    missing = [m for m in getattr(rule.cls, "needs", ()) if not hasattr(opt.cls, m)]
+    if missing:
+        able = [n for n in OPTIMIZERS if all(hasattr(OPTIMIZERS.get(n), m) for m in rule.cls.needs)]
+        raise UserError(f"--comm {rule.name} needs a local optimizer whose weight decay and momentum it can apply "
+                        f"itself ({', '.join(missing)}); {opt.name} has not: use --opt {' or '.join(able)}")
+    for a in r.active:
+        a.cls.check_run(r.values)
 
 
 @dataclass
@@ -175,7 +185,8 @@ class Algorithm:
     parts: dict = field(default_factory=dict)  # every built component by its kind (for checkpoints)
 
     def step(self, workers, X: torch.Tensor, x: torch.Tensor, y: torch.Tensor, ctx: StepContext):
-        losses, G = self.oracle(workers, X, x, y, ctx)
+        P = self.rule.query(X)  # where the gradients are taken: X itself, or push-sum's x / w
+        losses, G = self.oracle(workers, P, x, y, ctx)
         return losses, self.rule.step(X, G, self.optimizer, ctx)
 
     def state_dict(self) -> dict:

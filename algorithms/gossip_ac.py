@@ -56,8 +56,8 @@ class GossipAC(Gossip):
     def mixed(self, X, ctx):
         g = self.gamma(ctx)
         if g == 1.0:
-            return ctx.comm.mix(X, ctx.step)
+            return self.mix_rounds(X, ctx)
         if g == 0.0:
             return X.clone()
-        WX = ctx.comm.mix(X, ctx.step)
+        WX = self.mix_rounds(X, ctx)
         return WX.sub_(X).mul_(g).add_(X)

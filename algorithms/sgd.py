@@ -33,12 +33,16 @@ class SGD(Component):
             self.wd_vec = (~ctx.layout.one_d_mask(ctx.device)).double() * self.wd  # cast to X's dtype at first use
         self.m = None
 
-    def direction(self, X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-        g = G
+    def decayed(self, X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        """g = G + wd x (a new tensor when wd > 0; G itself otherwise)."""
         if self.wd_vec is not None and self.wd_vec.dtype != X.dtype:
             self.wd_vec = self.wd_vec.to(X.dtype)
-        if self.wd:
-            g = G + X * self.wd_vec if self.wd_vec is not None else G.add(X, alpha=self.wd)
+        if not self.wd:
+            return G
+        return G + X * self.wd_vec if self.wd_vec is not None else G.add(X, alpha=self.wd)
+
+    def momentum(self, g: torch.Tensor) -> torch.Tensor:
+        """U from g: m = mu m + g (first m = g), U = m or g + mu m (Nesterov); g itself without momentum."""
         if self.mu == 0:
             return g
         if self.m is None:
@@ -46,3 +50,6 @@ class SGD(Component):
         else:
             self.m.mul_(self.mu).add_(g)
         return g.add(self.m, alpha=self.mu) if self.nesterov else self.m
+
+    def direction(self, X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        return self.momentum(self.decayed(X, G))

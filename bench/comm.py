@@ -5,6 +5,9 @@ here": they see only the local block X [n_local, d] and call
 
   allreduce_mean(G)  -> every row replaced by the mean over ALL workers
   mix(X, t)          -> (W(t) X) for the local rows
+  mix_payload(P, decode, t) -> W(t) decode(P): the same for messages that are not the
+                        rows themselves (compressed: values + indices); each payload
+                        tensor has one row per local worker, decode maps rows to [k, d]
   mean(X)            -> x_bar [d], the mean over all workers
   sum(v)             -> a tensor summed over all workers' contributions
 
@@ -72,6 +75,9 @@ class SimulatedComm:
 
     def mix(self, X: torch.Tensor, t: int) -> torch.Tensor:
         return self.mixer(X, t)
+
+    def mix_payload(self, payload: dict, decode, t: int) -> torch.Tensor:
+        return self.mixer(decode(payload), t)
 
     def mean(self, X: torch.Tensor) -> torch.Tensor:
         return X.mean(0)

@@ -214,6 +214,15 @@ class RunConfig:
 
         return RULES.get(self.component("comm")).needs_topology
 
+    def build_topology(self):
+        """The validated Topology of this run (None when its rule mixes over no graph)."""
+        import topologies
+        from algorithms import RULES
+
+        if not self.needs_topology():
+            return None
+        return topologies.get_topology(self.topology, self.workers, RULES.get(self.component("comm")).topology_kind)
+
     def param(self, key: str):
         """A resolved parameter by full name, or by short name if exactly one active component has it."""
         values = dict(self.params) if self.resolved else self.hyper().values

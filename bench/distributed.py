@@ -236,6 +236,55 @@ class DistComm:
             out.addcmul_(buf.index_select(0, p.idx[:, s]), w[:, s:s + 1])
         return out
 
+    def mix_payload(self, payload: dict, decode, t: int) -> torch.Tensor:
+        """W(t) decode(payload) for the local rows; only the payload's rows travel (counted as sent).
+
+        Every payload tensor has one row per local worker ([m, ...]); decode maps a dict of such
+        rows (any count k) to dense rows [k, d]. The rows a peer needs go point-to-point (or all
+        are gathered for a dense W), are decoded on arrival and summed with W's weights.
+        """
+        p = self._plans[t % self.topology.period]
+        self.comm_calls += 1
+        names = sorted(payload)
+        if p.kind in ("mean", "gather"):
+            full = {}
+            for k in names:
+                v = payload[k].contiguous()
+                buf = torch.empty((self.n, *v.shape[1:]), dtype=v.dtype, device=v.device)
+                dist.all_gather_into_tensor(buf, v, group=self.group)
+                full[k] = buf
+                self.bytes_sent += (self.world_size - 1) * v.numel() * v.element_size()
+            dense = decode(full)
+            if p.kind == "mean":
+                return dense.mean(0, keepdim=True).expand(self.m, -1).clone()
+            local = dense[self.lo:self.lo + self.m]
+            buf = dense
+        else:
+            ext = {}
+            for k in names:
+                v = payload[k]
+                b = torch.empty((p.ext_rows, *v.shape[1:]), dtype=v.dtype, device=v.device)
+                b[:self.m].copy_(v)
+                ext[k] = b
+            if p.sends or p.recvs:
+                ops = []
+                for k in names:
+                    v, b = payload[k], ext[k]
+                    for peer, rows in p.sends:
+                        msg = v.index_select(0, rows)
+                        self.bytes_sent += msg.numel() * msg.element_size()
+                        ops.append(dist.P2POp(dist.isend, msg, peer, self.group))
+                    ops += [dist.P2POp(dist.irecv, b[a:a + c], peer, self.group) for peer, a, c in p.recvs]
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait()
+            buf = decode(ext)
+            local = buf[:self.m]
+        w = p.weights(buf.dtype)
+        out = local * w[:, :1]
+        for s in range(1, p.idx.shape[1]):
+            out.addcmul_(buf.index_select(0, p.idx[:, s]), w[:, s:s + 1])
+        return out
+
     def mean(self, X: torch.Tensor) -> torch.Tensor:
         return self._global_sum(X).div_(self.n)
 
@@ -265,9 +314,7 @@ def _backend_for(cfg: RunConfig) -> str:
 
 def _topology(cfg: RunConfig):
     """cfg's topology when its communication rule gossips, else None."""
-    import topologies
-
-    return topologies.get_topology(cfg.topology, cfg.workers) if cfg.needs_topology() else None
+    return cfg.build_topology()
 
 
 def make_comm(cfg: RunConfig) -> DistComm:

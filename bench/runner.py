@@ -30,7 +30,7 @@ from bench.errors import UserError
 from bench.models import build_model, load_init
 from bench.schedule import lr_at
 from bench.spec import BuildContext
-from bench.workers import Workers, param_bytes
+from bench.workers import Workers
 
 Progress = Callable[[int, int, dict], None]
 
@@ -104,7 +104,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, data, device, run_dir: Path, comm=None):
         self.cfg, self.data, self.device, self.run_dir = cfg, data, device, run_dir
         n = cfg.workers
-        self.topology = topologies.get_topology(cfg.topology, n) if cfg.needs_topology() else None
+        self.topology = cfg.build_topology()
         self.comm = comm or SimulatedComm(n, self.topology, device)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -126,8 +126,8 @@ class Trainer:
         g = np.random.default_rng(0)
         k = min(len(data.y_train), cfg.eval_train_samples)
         self.train_subset = torch.from_numpy(np.sort(g.permutation(len(data.y_train))[:k])).to(device)
-        self.bytes_per_step = (type(self.algo.rule).sends_per_step(n, self.topology)
-                               * param_bytes(self.workers.layout, self.workers.dtype))
+        self.bytes_per_step = self.algo.rule.bytes_per_step(n, self.topology, self.workers.layout.d,
+                                                            self.workers.X.element_size())
         self.writer = self.comm.rank == 0  # only one process writes results
 
     def lr(self, t: int) -> float:

@@ -33,12 +33,20 @@ The interfaces (typing.Protocol, checked by the generic tests):
                   __call__(workers, X, x, y, ctx) -> (losses [n], G [n, d]); G at the rows of X
   LocalOptimizer  direction(X, G) -> U [n, d]: the step is x <- x - lr U
   Rule            needs_topology: whether it mixes over a graph (else the run has none)
-                  sends_per_step(n, topology) -> model-sized messages one worker sends per step
+                  topology_kind: "doubly" (W doubly stochastic) or "column" (column-stochastic W
+                  of a directed graph is enough: push-sum)
+                  needs: methods the local optimizer must have ("decayed", "momentum": SGD's
+                  weight decay and momentum taken apart, for rules that track or rebuild them)
+                  query(X) -> the points where gradients are taken (X; push-sum: x / w)
                   step(X, G, optimizer, ctx) -> X_next: communication and the local update
+                  sends_per_step(n, topology) -> model-sized messages one worker sends per step,
+                  averaged over the run; bytes_per_step(n, topology, d, element_size) -> bytes
                   log(ctx) -> {name: float}: per-step quantities recorded in metrics.csv
   Topology        a family's factory (n, arg) -> topologies.Topology; supports(n) says which
                   worker counts it can form (None) or why not (a message)
-  Comm            allreduce_mean(G), mix(X, t), mean(X), sum(v); workers, n, rank, world_size
+  Comm            allreduce_mean(G), mix(X, t), mean(X), sum(v); workers, n, rank, world_size;
+                  mix_payload(payload, decode, t) = W(t) decode(payload) for messages that are not
+                  the rows themselves (compressed: values and indices), bytes counted as sent
 """
 
 from __future__ import annotations
@@ -226,6 +234,10 @@ class Component:
     def check(cls, hp: SimpleNamespace) -> None:
         """Cross-parameter checks (raise UserError); each parameter's own check has passed."""
 
+    @classmethod
+    def check_run(cls, values: dict) -> None:
+        """Checks against the other components of the run: values holds every active parameter by full name."""
+
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.state_keys}
 
@@ -237,6 +249,26 @@ class Component:
                 cur.copy_(v)
             else:
                 setattr(self, k, v.clone() if isinstance(v, torch.Tensor) else v)
+
+
+class RuleBase(Component):
+    """Defaults of a communication rule (see Rule below)."""
+
+    needs_topology = False
+    topology_kind = "doubly"
+    needs: tuple = ()
+
+    def query(self, X: torch.Tensor) -> torch.Tensor:
+        return X
+
+    def log(self, ctx) -> dict:
+        return {}
+
+    def sends_per_step(self, n: int, topology) -> float:
+        raise NotImplementedError
+
+    def bytes_per_step(self, n: int, topology, d: int, element_size: int) -> float:
+        return self.sends_per_step(n, topology) * d * element_size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,11 +290,16 @@ class LocalOptimizer(Protocol):
 @runtime_checkable
 class Rule(Protocol):
     needs_topology: bool
+    topology_kind: str
+    needs: tuple
 
-    @staticmethod
-    def sends_per_step(n: int, topology) -> float: ...
+    def query(self, X: torch.Tensor) -> torch.Tensor: ...
 
     def step(self, X: torch.Tensor, G: torch.Tensor, optimizer, ctx) -> torch.Tensor: ...
+
+    def sends_per_step(self, n: int, topology) -> float: ...
+
+    def bytes_per_step(self, n: int, topology, d: int, element_size: int) -> float: ...
 
     def log(self, ctx) -> dict: ...
 
@@ -277,6 +314,8 @@ class Comm(Protocol):
     def allreduce_mean(self, G: torch.Tensor) -> torch.Tensor: ...
 
     def mix(self, X: torch.Tensor, t: int) -> torch.Tensor: ...
+
+    def mix_payload(self, payload: dict, decode: Callable, t: int) -> torch.Tensor: ...
 
     def mean(self, X: torch.Tensor) -> torch.Tensor: ...
 

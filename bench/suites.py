@@ -461,11 +461,9 @@ def plan(suite: Suite, results: Optional[str] = None, seeds: Optional[str] = Non
 
 def _check_run(suite: Suite, c: RunConfig, n_train: int, graphs: set) -> None:
     """What the runner would only find when it reaches the run: the topology for n workers, the shard size."""
-    import topologies
-
     if c.needs_topology() and (c.topology, c.workers) not in graphs:
         try:
-            topologies.get_topology(c.topology, c.workers)
+            c.build_topology()
         except UserError as e:
             raise UserError(f"suite {suite.name}: {e}") from None
         graphs.add((c.topology, c.workers))

@@ -411,9 +411,5 @@ class Workers:
         return self.eval_module
 
 
-def param_bytes(layout: ParamLayout, dtype=torch.float32) -> int:
-    return layout.d * torch.tensor([], dtype=dtype).element_size()
-
-
 def count_params(module: nn.Module) -> int:
     return sum(math.prod(p.shape) for p in module.parameters() if p.requires_grad)

@@ -589,9 +589,10 @@ def test_every_preset_runs_and_reports_costs(tiny_cfg, tmp_path, algo):
     assert on_disk["flops_per_step"] == evals * _mlp_flops(cfg.batch)
     d = on_disk["params"]
     assert d == 16 * 128 + 128 + 128 * 128 + 128 + 128 * 4 + 4
-    rule = RULES.get(cfg.component("comm"))
-    topo = topologies.get_topology("ring", n) if rule.needs_topology else None
-    assert on_disk["bytes_per_step"] == pytest.approx(rule.sends_per_step(n, topo) * 4 * d)
+    topo = topologies.get_topology("ring", n) if cfg.needs_topology() else None
+    rule = component(cfg, "comm", layout=ParamLayout(build_model("mlp", (1, 16), 4)), n_local=n, total_steps=5,
+                     topology=topo)
+    assert on_disk["bytes_per_step"] == pytest.approx(rule.bytes_per_step(n, topo, d, 4))
     assert len(_read_csv(tmp_path / "results" / s["run_id"] / "metrics.csv")) == 5
 
 

@@ -2,10 +2,13 @@
 
 A topology of n workers is a (possibly periodic) sequence of n x n matrices.
 One gossip step on worker parameters X (one row per worker) is X <- W(t) @ X:
-row i holds the weights worker i gives to every x_j. Every W(t) must be doubly
-stochastic, so that mixing keeps the average of the workers exactly, and the
-union of the graphs over one period must be connected, so that the workers
-reach consensus.
+row i holds the weights worker i gives to every x_j. Every W(t) of an undirected
+family must be doubly stochastic, so that mixing keeps the average of the workers
+exactly, and the union of the graphs over one period must be connected, so that the
+workers reach consensus. A directed family (Topology(..., directed=True): worker j
+pushes to the i with W_ij > 0) need only be column-stochastic, with a strongly
+connected union over a period: push-sum (--algo sgp) de-biases it; rules that mix
+plainly (gossip) still require row sums of 1 (get_topology(..., kind="doubly")).
 
 Each family lives in its own module of this package and registers a factory
 ``factory(n, arg) -> Topology`` in TOPOLOGIES under its name; ``get_topology``
@@ -36,10 +39,11 @@ _ZERO_RATE = 1e-12
 class Topology:
     """A periodic sequence of mixing matrices, W(t) == W(t % period)."""
 
-    def __init__(self, name: str, n: int, mats: Sequence[np.ndarray]):
+    def __init__(self, name: str, n: int, mats: Sequence[np.ndarray], directed: bool = False):
         if len(mats) < 1:
             raise ValueError("a topology needs at least one matrix")
         self.name = name
+        self.directed = directed
         self.n = int(n)
         self._mats = [np.array(m, dtype=np.float64) for m in mats]
         for m in self._mats:
@@ -142,8 +146,11 @@ def mixing_rate(mats: Sequence[np.ndarray]) -> float:
     return 0.0 if lam < _ZERO_RATE else float(lam)
 
 
-def validate_matrix(W, n: int, what: str) -> np.ndarray:
-    """Return W as float64 [n, n], or raise a one-line UserError saying what is wrong."""
+def validate_matrix(W, n: int, what: str, rows: bool = True) -> np.ndarray:
+    """Return W as float64 [n, n], or raise a one-line UserError saying what is wrong.
+
+    rows=False: only the columns must sum to 1 (a directed graph for push-sum).
+    """
     try:
         A = np.asarray(W, dtype=np.float64)
     except (TypeError, ValueError) as e:
@@ -160,20 +167,25 @@ def validate_matrix(W, n: int, what: str) -> np.ndarray:
     if n and A.min() < _NEG_TOL:
         i, j = np.unravel_index(np.argmin(A), A.shape)
         raise UserError(f"{what}: entry W[{i},{j}] = {A[i, j]:.6g} is negative; weights must be >= 0")
-    for axis, label in ((1, "row"), (0, "column")):
+    for axis, label in (((1, "row"),) if rows else ()) + ((0, "column"),):
         sums = A.sum(axis=axis)
         err = np.abs(sums - 1.0)
         if n and err.max() > _SUM_TOL:
             k = int(np.argmax(err))
+            kind = "doubly stochastic" if rows else "column-stochastic"
             raise UserError(
-                f"{what}: not doubly stochastic: {label} {k} sums to {sums[k]:.9g} "
-                f"(every row and column must sum to 1)"
+                f"{what}: not {kind}: {label} {k} sums to {sums[k]:.9g} "
+                f"(every {'row and column' if rows else 'column'} must sum to 1)"
             )
     return A
 
 
-def count_components(Ws: Sequence[np.ndarray]) -> int:
-    """Connected components of the undirected union graph of the off-diagonal nonzeros."""
+def is_row_stochastic(W: np.ndarray) -> bool:
+    return bool(np.abs(np.asarray(W).sum(axis=1) - 1.0).max() <= _SUM_TOL) if len(W) else True
+
+
+def count_components(Ws: Sequence[np.ndarray], strong: bool = False) -> int:
+    """Connected components of the union graph of the off-diagonal nonzeros (weakly, or strongly)."""
     if len(Ws) == 0:
         return 0
     n = Ws[0].shape[0]
@@ -183,7 +195,7 @@ def count_components(Ws: Sequence[np.ndarray]) -> int:
     for W in Ws:
         adj |= np.asarray(W) != 0
     np.fill_diagonal(adj, False)
-    k, _ = connected_components(csr_matrix(adj), directed=True, connection="weak")
+    k, _ = connected_components(csr_matrix(adj), directed=True, connection="strong" if strong else "weak")
     return int(k)
 
 
@@ -310,8 +322,12 @@ def supports(family, n: int) -> str | None:
     return check(n) if check is not None else None
 
 
-def get_topology(spec: str, n: int) -> Topology:
-    """Build and validate the topology named by ``spec`` ("name" or "name:arg") for n workers."""
+def get_topology(spec: str, n: int, kind: str = "doubly") -> Topology:
+    """Build and validate the topology named by ``spec`` ("name" or "name:arg") for n workers.
+
+    kind: what the rule that mixes over it needs: "doubly" (every W(t) doubly stochastic) or
+    "column" (column-stochastic is enough: push-sum).
+    """
     name, arg = parse_spec(spec)
     factory = TOPOLOGIES.get(name)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
@@ -322,9 +338,13 @@ def get_topology(spec: str, n: int) -> Topology:
     mats = [topo._mats[t] for t in range(topo.period)]
     for t, W in enumerate(mats):
         what = f"topology {topo.name!r} (n={n}) W({t})" if topo.period > 1 else f"topology {topo.name!r} (n={n})"
-        validate_matrix(W, n, what)
-    k = count_components(mats)
+        validate_matrix(W, n, what, rows=not topo.directed)
+        if kind == "doubly" and topo.directed and not is_row_stochastic(W):
+            raise UserError(f"{what} is a directed graph whose rows do not sum to 1: mixing plainly over it would not "
+                            f"reach the average; use push-sum (--algo sgp) or an undirected topology")
+    k = count_components(mats, strong=topo.directed)
     if k > 1:
         over = " over one period" if topo.period > 1 else ""
-        raise UserError(f"topology {topo.name!r} is disconnected for n={n}: its graph{over} has {k} components")
+        how = "not strongly connected" if topo.directed else "disconnected"
+        raise UserError(f"topology {topo.name!r} is {how} for n={n}: its graph{over} has {k} components")
     return topo

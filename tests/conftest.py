@@ -28,6 +28,6 @@ def synthetic():
 def tiny_cfg(tmp_path):
     """A run small enough for a unit test: mlp on synthetic data, 4 workers of batch 8, 10 steps."""
     return RunConfig(dataset="synthetic", model="mlp", workers=4, batch=8, steps=10, lr=0.1,
-                     schedule="constant", momentum=0.9, weight_decay=5e-4, hessian=False,
+                     schedule="constant", weight_decay=5e-4, hessian=False,
                      device="cpu", executor="auto", results=str(tmp_path / "results"))
 

@@ -16,4 +16,9 @@ def component(cfg, kind: str, layout=None, n_local: int = 1, device="cpu", total
     ctx = BuildContext(layout=layout, n_local=n_local, n=n_local, device=torch.device(device), dtype=dtype,
                        total_steps=total_steps, epoch_len=epoch_len, warmup=cfg.warmup,
                        lr_at=lambda t: cfg.lr, seed=cfg.seed, topology=topology)
-    return a.cls(own(a, r.values), ctx)
+    hp = own(a, r.values)
+    for p in a.cls.params:  # a component-valued parameter: its component, built with its own values
+        if p.registry is not None:
+            sub = next(b for b in r.active if b.kind == f"{a.name}.{p.name}")
+            setattr(hp, p.name, sub.cls(own(sub, r.values), ctx))
+    return a.cls(hp, ctx)

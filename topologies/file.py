@@ -2,7 +2,9 @@
 
 The .npy holds a 2-D float array; the .csv holds comma-separated floats, one row per
 line, no header. Row i is the weights worker i gives to every x_j. The matrix must be
-n x n, non-negative and doubly stochastic, with a connected graph. Period 1.
+n x n, non-negative and doubly stochastic, with a connected graph; or only column-stochastic,
+a directed graph (worker j pushes to the i with W_ij > 0), strongly connected, for push-sum
+(--algo sgp). Period 1.
 """
 
 import os
@@ -37,8 +39,16 @@ def from_file(n: int, arg: str | None) -> Topology:
     if arg is None:
         raise UserError("topology 'file' needs a path, e.g. file:/path/W.npy or file:/path/W.csv")
     path = os.path.expanduser(arg)
-    W = validate_matrix(load_matrix(path), n, f"topology file {path!r}")
-    k = count_components([W])
+    M, what = load_matrix(path), f"topology file {path!r}"
+    try:
+        W, directed = validate_matrix(M, n, what), False
+    except UserError as e:
+        try:  # only its columns sum to 1: a directed graph, for push-sum
+            W, directed = validate_matrix(M, n, what, rows=False), True
+        except UserError:
+            raise e from None
+    k = count_components([W], strong=directed)
     if k > 1:
-        raise UserError(f"topology file {path!r} is disconnected: its graph has {k} components; workers would never agree")
-    return Topology(f"file:{arg}", n, [W])
+        how = "not strongly connected" if directed else "disconnected"
+        raise UserError(f"topology file {path!r} is {how}: its graph has {k} components; workers would never agree")
+    return Topology(f"file:{arg}", n, [W], directed=directed)

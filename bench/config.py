@@ -95,6 +95,8 @@ class RunConfig:
     hessian_method: str = core_field("lanczos", "lanczos or power.", EVALUATION)
     hessian_samples: int = core_field(0, "Training samples of the Hessian (0: all if <= 5000, else 2048).", EVALUATION)
     hessian_trace: bool = core_field(False, "Also the Hutchinson trace.", EVALUATION)
+    stop_on_collapse: bool = core_field(True, "End a run after two consecutive evaluations at chance (status "
+                                              "collapsed; bench/runner.py states the rule).", EVALUATION)
     # where and how (not part of the run id)
     device: str = core_field("cpu", "cpu or cuda.", EXECUTION)
     executor: str = core_field("auto", "auto, native (packed batched model), vmap (torch.func) or loop.", EXECUTION)
@@ -107,6 +109,11 @@ class RunConfig:
                        EXECUTION)
     procs: int = core_field(1, "--backend dist: start P local processes (P must divide --workers).", EXECUTION)
     dist_timeout: float = core_field(120.0, "--backend dist: seconds before a stalled collective fails.", EXECUTION)
+    checkpoint_every: int = core_field(0, "Checkpoint every N steps (0: about every 10% of the run); also after "
+                                          "every 5 minutes of training.", EXECUTION)
+    keep_checkpoint: bool = core_field(False, "Keep the last checkpoint when the run finishes.", EXECUTION)
+    deterministic: bool = core_field(False, "torch deterministic algorithms (and the cuDNN settings they need).",
+                                     EXECUTION)
     # component hyperparameters and file hashes (see the module docstring)
     params: tuple = field(default=(), metadata={"role": "params"})
     files: tuple = field(default=(), metadata={"role": "files"})
@@ -293,6 +300,9 @@ class RunConfig:
                             f"0 = the default rule")
         if self.eval_every < 0:
             raise UserError(f"--eval-every must be >= 0 (got {self.eval_every})")
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
+                or self.checkpoint_every < 0:
+            raise UserError(f"--checkpoint-every must be an integer >= 0 (got {self.checkpoint_every}); 0 = automatic")
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
         if not self.dist_timeout > 0:

@@ -4,10 +4,15 @@
     <results>/<run_id>/metrics.csv    one row per evaluation
     <results>/<run_id>/summary.json   final metrics, costs, status, versions
     <results>/<run_id>/model.pt       the final averaged model's state_dict
+    <results>/<run_id>/checkpoint.r<rank>[.prev].pt   while training (see bench/runner.py)
+    <results>/.locks/<run_id>.lock    held (flock) by the process training the run
+    <results>/.<run_id>.rerun/        where --force retrains a finished run before it replaces it
 
 Every file is written to a temporary name and renamed, so a crash never leaves
-half a file. summary.json is written last: its presence with status
-"completed" or "diverged" marks a finished run.
+half a file. summary.json is written before the optional model file: its presence
+with a finished status (completed, diverged, collapsed) marks a finished run.
+Checkpoints are read with torch.load(weights_only=True): tensors and plain values,
+never code.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +32,8 @@ import torch
 
 from bench.errors import UserError
 
-FINISHED = ("completed", "diverged")
+FINISHED = ("completed", "diverged", "collapsed")
+FAILED = ("diverged", "collapsed")  # results, never averaged in
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -79,6 +87,108 @@ def save_model(path: Path, state_dict: dict) -> None:
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buf)
     atomic_write(path, buf.getvalue())
+
+
+def save_torch(path: Path, obj) -> None:
+    """Any nest of dicts, lists, plain values and tensors (moved to the CPU), written atomically."""
+    buf = io.BytesIO()
+    torch.save(_to_cpu(obj), buf)
+    atomic_write(path, buf.getvalue())
+
+
+def load_torch(path: Path):
+    """The counterpart of save_torch: tensors and plain values only (weights_only: no code runs)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+class RunLock:
+    """One trainer per run folder: an exclusive flock on <results>/.locks/<run_id>.lock.
+
+    The kernel drops the lock when the process dies (kill -9 included), so a stale lock is
+    never left behind. acquire(wait=False) returns False when another process holds it.
+    The lock file records the holder's pid and start time, for the message of the waiter.
+    """
+
+    def __init__(self, root: Path, run_id: str):
+        self.path = Path(root) / ".locks" / f"{run_id}.lock"
+        self.fd = None
+
+    def acquire(self, wait: bool = True) -> bool:
+        import fcntl
+
+        self.path.parent.mkdir(exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:  # the holder may have removed the file while we waited: lock the file that is there now
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {time.time():.0f}\n".encode())
+        self.fd = fd
+        return True
+
+    def holder(self) -> str:
+        try:
+            pid, since = self.path.read_text().split()
+            return f"process {pid} (since {time.strftime('%H:%M:%S', time.localtime(float(since)))})"
+        except (OSError, ValueError):
+            return "another process"
+
+    def release(self, remove: bool = False) -> None:
+        """Unlock; remove=True also deletes the lock file (a waiter then finds the run finished)."""
+        if self.fd is not None:
+            import fcntl
+
+            if remove:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def check_free_space(folder: Path, need: int, what: str) -> None:
+    """A one-line UserError before training when the folder's disk cannot hold `need` bytes."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < need:
+        raise UserError(f"{what}: {folder} has {free / 1e6:.1f} MB free, the run needs about {need / 1e6:.1f} MB "
+                        f"(checkpoints and the model); free space or pass --results DIR on another disk")
+
+
+def replace_dir(new: Path, old: Path) -> None:
+    """Put the finished folder `new` where `old` is (old removed): a reader sees one or the other."""
+    trash = old.with_name(f".{old.name}.old")
+    if trash.exists():
+        shutil.rmtree(trash)
+    if old.exists():
+        os.rename(old, trash)
+    os.rename(new, old)
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def prepare_results_dir(root: str) -> Path:

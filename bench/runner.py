@@ -1,17 +1,39 @@
-"""The runner: seeding, the step loop, the clock, evaluation and result files.
+"""The runner: seeding, the step loop, the clock, evaluation, checkpoints and result files.
 
     data  -> per-worker shards -> Sampler (batch = f(seed, worker, step))
     model -> Workers (X [n_local, d] + BN buffers) -> Algorithm (oracle, optimizer, rule)
     for t in steps:  X <- algorithm.step(X, batch_t)      (timed; evaluation is not)
     every eval_every steps and at the end: evaluate x_bar = mean_i x_i
 
-Divergence (a non-finite loss) ends the run with status "diverged"; it is a result.
+Failures are results, recorded and never averaged in:
+  diverged   a non-finite loss or parameter: the run ends at that step.
+  collapsed  the averaged model predicts no better than a constant: at an evaluation after
+             the warmup, its loss on the fixed training subset is >= H - 0.05 (H = the entropy of
+             that subset's labels, the loss of the best constant predictor), or its accuracy there
+             is <= 100 (p + 3 sqrt(p (1 - p) / N)) (p = the largest class frequency, chance for a
+             constant predictor; N = the subset size: 3 binomial standard deviations above
+             chance). Two consecutive collapsed evaluations end the run early (--no-stop-on-collapse
+             keeps training); the final evaluation decides the status. The thresholds are in the summary.
+
+Checkpoints. Every checkpoint_every steps (0: about every 10% of the run) and after every
+CHECKPOINT_SECONDS of training, each rank writes its shard (X, BatchNorm buffers, every
+component's state, the metric rows, timers, the torch RNG state) to checkpoint.r<rank>.pt,
+keeping the previous one as .prev. A rerun of an unfinished run resumes from the latest step
+that every rank holds and ends bit-identical to an uninterrupted run: batches, noise and
+augmentation are pure functions of (seed, worker, step). The checkpoints go once the summary
+is written (--keep-checkpoint keeps the last).
+
+One trainer per run: the process that trains a run holds its lock (bench.results.RunLock);
+another process waits for it (run) or moves on to the next run (suite). --force retrains a
+finished run in .<run_id>.rerun/ and replaces the old folder only when the new one is finished.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -33,6 +55,9 @@ from bench.spec import BuildContext
 from bench.workers import Workers
 
 Progress = Callable[[int, int, dict], None]
+CHECKPOINT_SECONDS = 300.0  # a checkpoint after at most this much training time (and every checkpoint_every steps)
+COLLAPSE_MARGIN = 0.05  # nats below the label entropy
+COLLAPSE_SDS = 3.0  # binomial standard deviations above chance
 
 # Recorded in every summary beside top_eig (bench/hessian.py states it in full).
 HESSIAN_PROTOCOL = ("x_bar after BatchNorm recalibration, eval mode; mean cross-entropy without weight decay; "
@@ -78,26 +103,81 @@ def prepare(cfg: RunConfig):
         data = data.split_validation(cfg.val_fraction)
     data = data.to(device)
     resolved = cfg.resolve(len(data.y_train), data.default_model)
+    shard = len(data.y_train) // resolved.workers
+    if resolved.partition == "iid" and resolved.batch > shard:  # before any n x n structure is built
+        raise UserError(f"--batch {resolved.batch} is larger than a worker's shard ({shard} samples with "
+                        f"{resolved.workers} workers); use --batch <= {max(1, shard)} or fewer workers")
     return resolved, data, device
 
 
-def run(cfg: RunConfig, progress: Optional[Progress] = None, force: bool = False, comm=None) -> dict:
+def run(cfg: RunConfig, progress: Optional[Progress] = None, force: bool = False, comm=None,
+        wait: bool = True, on_wait: Optional[Callable[[str], None]] = None) -> Optional[dict]:
     """Train one configuration (one seed); write and return its summary.
 
-    A run whose summary already says completed/diverged is skipped (its summary is
-    returned with "skipped": True) unless force is set.
+    A finished run is skipped (its summary is returned with "skipped": True) unless force is
+    set. An unfinished one resumes from its checkpoint. When another process trains the same
+    run: wait for it (then it is finished: skipped) or, with wait=False, return None.
     """
     cfg, data, device = prepare(cfg)
     root = results.prepare_results_dir(cfg.results)
     run_dir = root / cfg.run_id()
-    if not force and results.is_finished(run_dir):
+
+    def skipped():
         s = results.read_summary(run_dir)
         s["skipped"] = True
         s["run_dir"] = str(run_dir)
         return s
-    trainer = Trainer(cfg, data, device, run_dir, comm)  # may still reject the input: no folder before
-    run_dir.mkdir(exist_ok=True)
-    return trainer.train(progress)
+
+    if not force and results.is_finished(run_dir):
+        return skipped()
+    trainer = Trainer(cfg, data, device, run_dir, comm)  # may still reject the input: no folder, no lock before
+    lock = results.RunLock(root, cfg.run_id()) if trainer.writer and comm is None else None
+    if lock is not None and not lock.acquire(wait=False):
+        if not wait:
+            return None
+        if on_wait:
+            on_wait(f"waiting: {run_dir.name} is being trained by {lock.holder()}")
+        lock.acquire(wait=True)
+    finished = False
+    try:
+        if not force and results.is_finished(run_dir):  # finished while we waited
+            finished = True
+            return skipped()
+        if force and results.is_finished(run_dir):  # retrain beside the finished run, replace it at the end
+            trainer.run_dir = root / f".{run_dir.name}.rerun"
+            if trainer.writer and trainer.run_dir.exists():
+                import shutil
+
+                shutil.rmtree(trainer.run_dir)
+        if trainer.writer:
+            w = trainer.workers  # two checkpoint generations, the model, the metrics: before any folder
+            results.check_free_space(root, 4 * w.layout.d * w.X.element_size() * w.n + (1 << 20), cfg.run_id())
+            trainer.run_dir.mkdir(exist_ok=True)
+        summary = trainer.train(progress)
+        if trainer.run_dir != run_dir and trainer.writer:
+            results.replace_dir(trainer.run_dir, run_dir)
+            summary["run_dir"] = str(run_dir)
+        finished = True
+        return summary
+    finally:
+        if lock is not None:
+            lock.release(remove=finished)
+
+
+@dataclass
+class TrainState:
+    """Everything of the loop that a checkpoint must carry besides the model and the algorithm."""
+
+    step: int = 0  # steps done
+    rows: list = field(default_factory=list)  # metrics.csv
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    loss_acc: float = 0.0
+    loss_cnt: int = 0
+    last: dict = field(default_factory=dict)  # the latest evaluation
+    collapsed_evals: int = 0  # consecutive collapsed evaluations
+    status: str = "completed"
+    failed_step: Optional[int] = None
 
 
 class Trainer:
@@ -129,6 +209,10 @@ class Trainer:
         self.bytes_per_step = self.algo.rule.bytes_per_step(n, self.topology, self.workers.layout.d,
                                                             self.workers.X.element_size())
         self.writer = self.comm.rank == 0  # only one process writes results
+        self.collapse = collapse_thresholds(data.y_train[self.train_subset], data.num_classes)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
     def lr(self, t: int) -> float:
         c = self.cfg
@@ -155,8 +239,14 @@ class Trainer:
         out = {"test_acc": test_acc, "test_loss": test_loss, "train_acc": train_acc, "train_loss": train_loss}
         if d.y_val is not None:
             out["val_acc"], out["val_loss"] = metrics.evaluate(module, d, d.x_val, d.y_val)
-        out["consensus_distance"] = metrics.consensus_distance(w.X, xbar, self.comm)
+        out["consensus_distance"] = metrics.consensus_distance(self.algo.rule.query(w.X), xbar, self.comm)
         return out
+
+    def collapsed(self, last: dict, step: int) -> bool:
+        """The module docstring's rule, at an evaluation after the warmup."""
+        c = self.collapse
+        return step > self.cfg.warmup and (last["train_loss"] >= c["loss_threshold"]
+                                           or last["train_acc"] <= c["acc_threshold"])
 
     def sharpness(self) -> dict:
         """Top Hessian eigenvalue of x_bar under the protocol of bench/hessian.py.
@@ -175,66 +265,157 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    # ------------------------------------------------------------------ checkpoints
+    def _ckpt(self, prev: bool = False) -> Path:
+        return self.run_dir / f"checkpoint.r{self.comm.rank}{'.prev' if prev else ''}.pt"
+
+    def save_checkpoint(self, st: TrainState) -> None:
+        cur = self._ckpt()
+        if cur.exists():
+            os.replace(cur, self._ckpt(prev=True))
+        results.save_torch(cur, {
+            "run_id": self.cfg.run_id(), "world_size": self.comm.world_size, "step": st.step,
+            "X": self.workers.X, "buffers": self.workers.buffers, "algorithm": self.algo.state_dict(),
+            "state": asdict(st), "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+            "comm": {k: getattr(self.comm, k) for k in ("bytes_sent", "comm_calls") if hasattr(self.comm, k)},
+        })
+
+    def _load(self, path: Path) -> Optional[dict]:
+        try:
+            ck = results.load_torch(path)
+        except Exception:  # a checkpoint that cannot be read is no checkpoint: train from the start
+            return None
+        ok = isinstance(ck, dict) and ck.get("run_id") == self.cfg.run_id() and ck.get("world_size") == \
+            self.comm.world_size
+        return ck if ok else None
+
+    def resume(self) -> Optional[TrainState]:
+        """Restore the latest checkpoint every rank holds; None (train from step 0) if there is none."""
+        found = {}
+        for prev in (False, True):
+            p = self._ckpt(prev)
+            ck = self._load(p) if p.exists() else None
+            if ck is not None:
+                found[ck["step"]] = ck
+        step = max(found, default=-1)
+        if self.comm.world_size > 1:
+            # Ranks checkpoint at the same steps, but one may have died between its write and the
+            # others': take the newest step all hold (each keeps its newest and the one before).
+            step = self._min_over_ranks(step)
+            step = step if step in found else -1
+            if self._min_over_ranks(step) < 0:
+                return None
+        if step < 0:
+            return None
+        ck = found[step]
+        w = self.workers
+        w.X = ck["X"].to(self.device, w.X.dtype)
+        for k, v in ck["buffers"].items():
+            w.buffers[k].copy_(v)
+        self.algo.load_state_dict(_to_device(ck["algorithm"], self.device))
+        torch.set_rng_state(ck["rng"])
+        if ck.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ck["cuda_rng"])
+        for k, v in ck["comm"].items():
+            setattr(self.comm, k, v)
+        return TrainState(**ck["state"])
+
+    def _min_over_ranks(self, v: int) -> int:
+        t = torch.zeros(self.comm.world_size, dtype=torch.float64, device=self.device)
+        t[self.comm.rank] = float(v)
+        return int(self.comm.sum(t).min().item())
+
+    def clear_checkpoints(self) -> None:
+        for prev in (True, False):
+            p = self._ckpt(prev)
+            if p.exists() and (prev or not self.cfg.keep_checkpoint):
+                p.unlink()
+
+    # ------------------------------------------------------------------ the loop
     def train(self, progress: Optional[Progress] = None) -> dict:
         cfg, w = self.cfg, self.workers
+        started = time.perf_counter()
         if self.writer:
             results.write_json(self.run_dir / "config.json", cfg.to_dict())
+        st = self.resume() or TrainState()
+        resumed_at = st.step
         x0, y0 = self.batch(0)
         flops = metrics.flops_per_grad(w.eval_module, x0[0], y0[0]) * self.algo.oracle.grad_evals
         eval_every = cfg.eval_every or max(1, cfg.steps // 10)
-        rows, status, diverged_step = [], "completed", None
-        train_s = eval_s = 0.0
-        loss_acc, loss_cnt = 0.0, 0
-        last = {}
-        steps_done = 0
-        for t in range(cfg.steps):
+        ckpt_every = cfg.checkpoint_every or max(1, cfg.steps // 10)
+        since_ckpt = 0.0
+        t = st.step
+        while t < cfg.steps and st.status == "completed":
             self._sync()
             t0 = time.perf_counter()
             lr = self.lr(t)
             ctx = StepContext(t, lr, cfg.lr, self.comm, cfg.seed)
             x, y = self.batch(t)
             losses, X_next = self.algo.step(w, w.X, x, y, ctx)
-            # One reduction for both: the workers' loss sum and the count of non-finite parameters.
-            stat = self.comm.sum(torch.stack([losses.sum(), (~torch.isfinite(X_next)).sum().to(losses.dtype)]))
-            mean_loss, nonfinite = stat[0].item() / cfg.workers, stat[1].item()
-            train_s += time.perf_counter() - t0
+            # One reduction for all three: the workers' loss sum, the count of non-finite parameters,
+            # and whether any rank has trained CHECKPOINT_SECONDS since its last checkpoint.
+            stat = self.comm.sum(torch.stack([losses.sum().double(), (~torch.isfinite(X_next)).sum().double(),
+                                              torch.tensor(float(since_ckpt > CHECKPOINT_SECONDS),
+                                                           dtype=torch.float64, device=losses.device)]))
+            mean_loss, nonfinite, overdue = stat[0].item() / cfg.workers, stat[1].item(), stat[2].item() > 0
+            dt = time.perf_counter() - t0
+            st.train_s += dt
+            since_ckpt += dt
             if not math.isfinite(mean_loss) or nonfinite > 0:
-                status, diverged_step = "diverged", t
+                st.status, st.failed_step = "diverged", t
                 break
             w.X = X_next
-            steps_done = t + 1
-            loss_acc += mean_loss
-            loss_cnt += 1
-            if (t + 1) % eval_every == 0 or t + 1 == cfg.steps:
+            t = st.step = t + 1
+            st.loss_acc += mean_loss
+            st.loss_cnt += 1
+            if t % eval_every == 0 or t == cfg.steps:
                 t1 = time.perf_counter()
-                last = self.evaluate()
-                eval_s += time.perf_counter() - t1
-                rows.append({"step": t + 1, "epoch": (t + 1) / self.epoch_len, "lr": lr, **self.algo.rule.log(ctx),
-                             "train_loss_running": loss_acc / max(1, loss_cnt),
-                             **last, "train_seconds": train_s})
-                loss_acc, loss_cnt = 0.0, 0
+                st.last = self.evaluate()
+                st.eval_s += time.perf_counter() - t1
+                st.rows.append({"step": t, "epoch": t / self.epoch_len, "lr": lr, **self.algo.rule.log(ctx),
+                                "train_loss_running": st.loss_acc / max(1, st.loss_cnt),
+                                **st.last, "train_seconds": st.train_s})
+                st.loss_acc, st.loss_cnt = 0.0, 0
+                st.collapsed_evals = st.collapsed_evals + 1 if self.collapsed(st.last, t) else 0
+                if st.collapsed_evals and (t == cfg.steps or (cfg.stop_on_collapse and st.collapsed_evals >= 2)):
+                    st.status, st.failed_step = "collapsed", t
                 if self.writer:
-                    results.write_csv(self.run_dir / "metrics.csv", rows)
+                    results.write_csv(self.run_dir / "metrics.csv", st.rows)
+            if (t % ckpt_every == 0 or overdue) and t < cfg.steps and st.status == "completed":
+                self.save_checkpoint(st)
+                since_ckpt = 0.0
             if progress:
-                progress(t + 1, cfg.steps, {"loss": mean_loss, **last})
-        if status == "diverged":
+                progress(t, cfg.steps, {"loss": mean_loss, **st.last})
+        last = dict(st.last)
+        if st.status == "diverged":
             last = {k: None for k in ("test_acc", "test_loss", "train_acc", "train_loss", "val_acc", "val_loss",
                                       "consensus_distance")}
         # Every rank computes it (same x_bar, same result): a rank that skipped it would
         # wait in the next collective and could reach dist_timeout.
-        if status == "completed" and cfg.hessian:
+        if st.status == "completed" and cfg.hessian:
             last = {**last, **self.sharpness()}
-        summary = self.summary(status, diverged_step, last, train_s, eval_s, flops, steps_done)
+        summary = self.summary(st.status, st.failed_step, last, st.train_s, st.eval_s, flops, st.step)
+        summary["resumed_from_step"] = resumed_at
+        summary["wall_seconds"] = time.perf_counter() - started
         if self.writer:
-            if status == "diverged":
-                results.write_csv(self.run_dir / "metrics.csv", rows)
-            else:
-                results.save_model(self.run_dir / "model.pt", w.eval_module.state_dict())
-            results.write_json(self.run_dir / "summary.json", summary)
+            try:
+                results.write_csv(self.run_dir / "metrics.csv", st.rows)
+                results.write_json(self.run_dir / "summary.json", summary)  # finished from here on
+            except OSError as e:
+                raise UserError(f"{self.run_dir}: cannot write the results ({e.strerror}); the checkpoint is kept: "
+                                f"free space and run the same command again to finish") from None
+            if st.status != "diverged":
+                try:
+                    results.save_model(self.run_dir / "model.pt", w.eval_module.state_dict())
+                except OSError as e:
+                    print(f"warning: {self.run_dir}/model.pt not written ({e.strerror}); the results are complete",
+                          file=__import__("sys").stderr)
+        self.clear_checkpoints()
         summary["run_dir"] = str(self.run_dir)
         return summary
 
-    def summary(self, status, diverged_step, last, train_s, eval_s, flops, steps_done) -> dict:
+    def summary(self, status, failed_step, last, train_s, eval_s, flops, steps_done) -> dict:
         cfg = self.cfg
         props = self.topology.properties() if self.topology is not None else None
         sent = getattr(self.comm, "bytes_sent_per_worker_step", None)  # measured by the dist backend
@@ -245,7 +426,9 @@ class Trainer:
             "workers": cfg.workers, "dataset": cfg.dataset, "model": cfg.model, "seed": cfg.seed,
             "batch": cfg.batch, "total_batch": cfg.total_batch, "lr": cfg.lr, "steps": cfg.steps,
             "epochs": cfg.steps / self.epoch_len,
-            "status": status, "diverged_step": diverged_step,
+            "status": status, "diverged_step": failed_step if status == "diverged" else None,
+            "collapsed_step": failed_step if status == "collapsed" else None, "collapse_rule": self.collapse,
+            "steps_done": steps_done,
             **last, **self.init_info,
             "spectral_gap": props["spectral_gap"] if props else 1.0,
             "params": self.workers.layout.d,
@@ -256,5 +439,36 @@ class Trainer:
             "train_seconds": train_s, "eval_seconds": eval_s,
             "backend": self.comm.backend, "world_size": self.comm.world_size,
             "device": str(self.device), "executor": self.workers.executor,
+            "deterministic": cfg.deterministic, "machine_load": _load_average(),
             "versions": results.versions(),
         }
+
+
+def collapse_thresholds(y: torch.Tensor, num_classes: int) -> dict:
+    """The collapse rule's thresholds on the fixed training subset y (module docstring)."""
+    p = torch.bincount(y.cpu(), minlength=num_classes).double() / len(y)
+    entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+    chance = float(p.max())
+    sd = math.sqrt(chance * (1 - chance) / len(y))
+    return {"label_entropy": entropy, "chance": chance, "samples": len(y),
+            "loss_threshold": entropy - COLLAPSE_MARGIN, "acc_threshold": 100.0 * (chance + COLLAPSE_SDS * sd),
+            "rule": f"after warmup, train_loss >= label entropy - {COLLAPSE_MARGIN} or train_acc <= chance + "
+                    f"{COLLAPSE_SDS:g} binomial sd; 2 consecutive end the run; the final evaluation decides"}
+
+
+def _load_average() -> Optional[float]:
+    """The 1-minute load average over the core count (timings made under a load above 1 are inflated)."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:
+        return None
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    return obj

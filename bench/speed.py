@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 
 import topologies
-from algorithms import StepContext, build_algorithm
+from algorithms import StepContext
+from algorithms.base import build as build_algorithm
+from bench.spec import BuildContext
 from bench.comm import SimulatedComm
 from bench.config import RunConfig
 from bench.models import build_model
@@ -110,7 +112,10 @@ def simulated_step(model: str, input_shape: tuple, x: torch.Tensor, y: torch.Ten
     torch.manual_seed(0)
     w = Workers(build_model(model, input_shape, K), n, executor, dev, precision=precision,
                 channels_last=channels_last, compile=compile, log=lambda m: None)
-    algo = build_algorithm(cfg, w.layout, n, dev, 1, 1)
+    topo = comm.mixer.topology
+    algo = build_algorithm(cfg.hyper(), BuildContext(layout=w.layout, n_local=n, n=n, device=dev, dtype=w.dtype,
+                                                     total_steps=1, epoch_len=1, warmup=0, lr_at=lambda t: 0.01,
+                                                     seed=0, topology=topo))
     state = {"t": 0}
 
     def step():

@@ -576,10 +576,11 @@ def _mlp_flops(batch: int, d_in: int = 16, width: int = 128, k: int = 4) -> int:
 def test_every_preset_runs_and_reports_costs(tiny_cfg, tmp_path, algo):
     n, samples = 4, 3
     cfg = tiny_cfg.replace(algo=algo, topology="ring", workers=n, steps=5, samples=samples, eval_every=1,
-                           lr=0.01 if "lamb" in algo else 0.1, precision="fp32")
+                           lr=0.01 if "lamb" in algo else 0.1, precision="fp32", stop_on_collapse=False)
     s = run(cfg, force=True)
     on_disk = json.loads((tmp_path / "results" / s["run_id"] / "summary.json").read_text())
-    assert on_disk["status"] == "completed" and on_disk["steps"] == 5 and on_disk["algo"] == algo
+    # 5 steps may still be at chance (collapsed, a result like any other): the costs are what is tested
+    assert on_disk["status"] in ("completed", "collapsed") and on_disk["steps"] == 5 and on_disk["algo"] == algo
     for k in ("test_acc", "test_loss", "train_loss", "consensus_distance"):
         assert on_disk[k] is not None and math.isfinite(on_disk[k])
     # expectations from the components themselves: gradient evaluations, messages per step
@@ -597,7 +598,9 @@ def test_every_preset_runs_and_reports_costs(tiny_cfg, tmp_path, algo):
 
 
 def test_divergence_is_a_result(tiny_cfg, tmp_path):
-    s = run(tiny_cfg.replace(algo="dsgd", topology="ring", lr=1e6, steps=10, eval_every=1), force=True)
+    # (stop_on_collapse off: at lr 1e6 the first evaluations are also at chance, which would end it first)
+    s = run(tiny_cfg.replace(algo="dsgd", topology="ring", lr=1e6, steps=10, eval_every=1, stop_on_collapse=False),
+            force=True)
     run_dir = tmp_path / "results" / s["run_id"]
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["status"] == "diverged"

@@ -430,6 +430,7 @@ class Sampler:
         return torch.from_numpy(idx).to(self.device, non_blocking=True)
 
 
-def epoch_steps(n_train: int, total_batch: int) -> int:
-    """Steps in one epoch: one pass over the training set at the total batch size."""
-    return max(1, n_train // total_batch)
+def epoch_steps(n_train: int, total_batch: int) -> float:
+    """Steps in one epoch, N / B: one pass over the training set at the total batch size (not rounded:
+    at N = 3600 and B = 2048 an epoch is 1.76 steps, not 1)."""
+    return n_train / total_batch

@@ -28,8 +28,10 @@ def lr_at(step: int, base_lr: float, total_steps: int, schedule: str, warmup: in
     raise ValueError(schedule)
 
 
-def gamma_at(step: int, lr: float, lr_max: float, start_step: int, p: float, gamma_min: float) -> float:
-    """DSGD-AC's consensus weight: 1 before start_step, then max(gamma_min, (lr / lr_max)^p)."""
-    if step < start_step:
+def gamma_at(step: int, lr: float, lr_start: float, start_step: int, p: float, gamma_min: float) -> float:
+    """DSGD-AC's consensus weight (WangZesen/decent-sam-grc, image-cifar/src/utils.py get_adaptive_gamma):
+    1 before start_step, then gamma_min + (1 - gamma_min) (lr / lr_start)^p, lr_start the lr AT the start
+    step, so that gamma is continuous there (1 at the start step)."""
+    if step < start_step or lr_start <= 0:
         return 1.0
-    return max(gamma_min, (lr / lr_max) ** p)
+    return gamma_min + (1.0 - gamma_min) * (lr / lr_start) ** p

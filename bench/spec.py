@@ -205,7 +205,7 @@ class BuildContext:
     device: torch.device
     dtype: torch.dtype
     total_steps: int
-    epoch_len: int  # steps per epoch
+    epoch_len: float  # steps per epoch, N / B
     warmup: int
     lr_at: Callable[[int], float]  # the learning-rate schedule, step -> lr
     seed: int

@@ -25,7 +25,7 @@ def execute(p: Plan, out, err) -> dict:
     """Run the runs still to do, one after the other; print one line per run and a summary.
 
     out, err: rich consoles (the per-run lines go to out, the progress bars to err; the bars
-    are off when err is not a terminal). Returns the counts: ran, skipped, diverged, seconds.
+    are off when err is not a terminal). Returns the counts: ran, skipped, failed, seconds.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -33,7 +33,7 @@ def execute(p: Plan, out, err) -> dict:
 
     results_io.prepare_results_dir(p.results)
     todo = p.todo
-    counts = {"ran": 0, "skipped": len(p.runs) - len(todo), "diverged": 0, "seconds": 0.0}
+    counts = {"ran": 0, "skipped": len(p.runs) - len(todo), "failed": 0, "seconds": 0.0}
     out.print(f"suite {p.suite.name}: {len(p.runs)} runs in {p.results} ({counts['skipped']} already done, "
               f"{len(todo)} to run)", highlight=False, soft_wrap=True)
     t0 = time.perf_counter()
@@ -44,11 +44,20 @@ def execute(p: Plan, out, err) -> dict:
                       disable=not err.is_terminal) as bar:
             runs_task = bar.add_task("runs", total=len(p.runs), completed=position, info="")
             steps_task = bar.add_task("", total=None, info="")
-            for r in todo:
+            queue, deferred = list(todo), []
+            while queue:
+                r = queue.pop(0)
                 c = r.resolved
                 bar.update(steps_task, description=f"{c.algo} {c.topology} seed {c.seed}", completed=0,
                            total=c.steps, info="")
-                s = run_one(r.cfg, progress=bar_progress(bar, steps_task), force=p.force)
+                # A run another process is training: move on, and come back to it (then waiting) at the end.
+                waiting = r in deferred
+                s = run_one(r.cfg, progress=bar_progress(bar, steps_task), force=p.force, wait=waiting,
+                            on_wait=lambda m: out.print(f"[dim]{m}[/dim]", soft_wrap=True))
+                if s is None:
+                    deferred.append(r)
+                    queue.append(r)
+                    continue
                 position += 1
                 if s.get("skipped"):  # finished in the meantime (another process)
                     counts["skipped"] += 1
@@ -56,7 +65,7 @@ def execute(p: Plan, out, err) -> dict:
                               soft_wrap=True)
                 else:
                     counts["ran"] += 1
-                    counts["diverged"] += s["status"] == "diverged"
+                    counts["failed"] += s["status"] != "completed"
                     out.print(f"[{position}/{len(p.runs)}] {summary_line(s)}", highlight=False, soft_wrap=True)
                 bar.advance(runs_task)
     except KeyboardInterrupt:
@@ -64,7 +73,7 @@ def execute(p: Plan, out, err) -> dict:
                   f"run the same command again to continue")
         raise
     counts["seconds"] = time.perf_counter() - t0
-    div = f" ({counts['diverged']} diverged)" if counts["diverged"] else ""
+    div = f" ({counts['failed']} failed: diverged or collapsed)" if counts["failed"] else ""
     out.print(f"suite {p.suite.name}: ran {counts['ran']}{div}, skipped {counts['skipped']} (already done), "
               f"{counts['seconds']:.0f} s", highlight=False, soft_wrap=True)
     out.print(f"next: {next_command(p)}", highlight=False, markup=False, soft_wrap=True)

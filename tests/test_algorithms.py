@@ -179,12 +179,13 @@ def test_no_weight_decay_on_1d_parameters(tiny_cfg, synthetic):
 def test_gamma_zero_every_worker_runs_its_own_sgd(tiny_cfg, synthetic):
     """DSGD-AC with gamma_t = 0 (W_t = I): each worker is an independent torch SGD on its own batches.
 
-    multistep with a milestone at step 0 gives lr_t = 0.1 lr_max from the first step, and p = 400
-    makes (lr_t / lr_max)^p = 1e-400, which is exactly 0.0 in floating point.
+    The start is step 0 at the full lr; a multistep milestone at step 1 divides the lr by 10, and
+    p = 400 makes (lr_t / lr_start)^p = 1e-400, exactly 0.0 in floating point, from step 1 on. At
+    step 0 gamma = 1, but every worker holds the same x^0, so mixing changes nothing then.
     """
     T = 8
     cfg = tiny_cfg.replace(algo="dsgd-ac", topology="ring", workers=4, steps=T, schedule="multistep",
-                           milestones=(0.01,), p=400.0, gamma_min=0.0, ac_start="0")
+                           milestones=(1 / T,), p=400.0, gamma_min=0.0, ac_start="0")
     cfg.validate()
     tr = make_trainer(cfg, synthetic)
     per_worker = [[] for _ in range(4)]
@@ -193,10 +194,10 @@ def test_gamma_zero_every_worker_runs_its_own_sgd(tiny_cfg, synthetic):
         for i in range(4):
             per_worker[i].append((x[i], y[i]))
         ctx = do_step(tr, t)
-        assert tr.algo.rule.gamma(ctx) == 0.0
-    lr = 0.1 * cfg.lr
+        assert tr.algo.rule.gamma(ctx) == (1.0 if t == 0 else 0.0)
+    lrs = [cfg.lr] + [0.1 * cfg.lr] * (T - 1)
     for i in range(4):
-        ref = torch_sgd_reference(tr.workers.module, per_worker[i], [lr] * T, 0.9, 5e-4, False)
+        ref = torch_sgd_reference(tr.workers.module, per_worker[i], lrs, 0.9, 5e-4, False)
         torch.testing.assert_close(tr.workers.X[i].double(), ref, **EQ)
     assert (tr.workers.X[0] - tr.workers.X[1]).abs().max() > 1e-4  # the workers did not agree
 
@@ -204,8 +205,8 @@ def test_gamma_zero_every_worker_runs_its_own_sgd(tiny_cfg, synthetic):
 @pytest.mark.parametrize("order", ["cta", "atc"])
 @pytest.mark.parametrize("topology,n", [("ring", 5), ("one-peer-exp", 4), ("star", 4)])
 def test_dsgd_steps_match_formula(tiny_cfg, synthetic, topology, n, order):
-    """cta: x_i <- sum_j W_ij x_j - lr U_i ; atc: x_i <- sum_j W_ij (x_j - lr U_j);
-    U from SGD with momentum 0.9 and weight decay at the pre-mix x (first step: U = g + wd x)."""
+    """cta: z = W x, x <- z - lr U(z, g) ; atc: x <- W (x - lr U(x, g)); g at the pre-mix x;
+    U from SGD with momentum 0.9 and its weight decay at the point it steps from (first step: U = g + wd x)."""
     T, mu, wd = 3, 0.9, 5e-4
     cfg = tiny_cfg.replace(algo="dsgd", topology=topology, workers=n, steps=T, schedule="cosine", order=order)
     tr = make_trainer(cfg, synthetic)
@@ -214,11 +215,12 @@ def test_dsgd_steps_match_formula(tiny_cfg, synthetic, topology, n, order):
     m = None
     for t in range(T):
         x, y = tr.batch(t)
-        g = grads64(tr.workers.module, X, x, y) + wd * X
+        W = torch.from_numpy(topo.weights(t))
+        Z = W @ X if order == "cta" else X  # where the optimizer steps from (its weight decay acts there)
+        g = grads64(tr.workers.module, X, x, y) + wd * Z
         m = g.clone() if m is None else mu * m + g
         lr = cosine(t, cfg.lr, T)
-        W = torch.from_numpy(topo.weights(t))
-        X = W @ X - lr * m if order == "cta" else W @ (X - lr * m)
+        X = Z - lr * m if order == "cta" else W @ (X - lr * m)
         do_step(tr, t)
         torch.testing.assert_close(tr.workers.X.double(), X, **EQ)
 
@@ -232,39 +234,56 @@ def test_dsgd_ac_never_started_equals_dsgd(tiny_cfg, synthetic):
     assert (X_on - X_d).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("gamma_min,expected", [(0.0, 0.3), (0.5, 0.5)])
+@pytest.mark.parametrize("gamma_min,expected", [(0.0, 0.3), (0.5, 0.65)])
 def test_dsgd_ac_step_matches_formula(tiny_cfg, synthetic, gamma_min, expected):
-    """x <- x + gamma (W x - x) - lr U, gamma = max(gamma_min, (lr / lr_max)^p)."""
+    """z = x + gamma (W x - x), x <- z - lr U(z, g), gamma = gamma_min + (1 - gamma_min) (lr / lr_start)^p,
+    lr_start the lr at the start step (step 0 here: the constant schedule's 0.1)."""
     wd, p, lr_max = 5e-4, 2.0, 0.1
     lr = lr_max * math.sqrt(0.3)
     cfg = tiny_cfg.replace(algo="dsgd-ac", topology="ring", workers=4, steps=5, p=p, gamma_min=gamma_min)
     tr = make_trainer(cfg, synthetic)
     X = perturb_rows(tr)
     x, y = tr.batch(0)
-    U = grads64(tr.workers.module, X, x, y) + wd * X
     ctx = do_step(tr, 0, lr=lr, lr_max=lr_max)
-    gamma = max(gamma_min, (lr / lr_max) ** p)
+    gamma = gamma_min + (1 - gamma_min) * (lr / lr_max) ** p
     assert tr.algo.rule.gamma(ctx) == pytest.approx(expected, rel=1e-12)
     assert gamma == pytest.approx(expected, rel=1e-12)
     W = torch.from_numpy(topologies.get_topology("ring", 4).weights(0))
-    expect = X + gamma * (W @ X - X) - lr * U
+    Z = X + gamma * (W @ X - X)
+    expect = Z - lr * (grads64(tr.workers.module, X, x, y) + wd * Z)
     torch.testing.assert_close(tr.workers.X.double(), expect, **EQ)
 
 
 def test_dsgd_ac_gamma_start_and_warmup():
     from algorithms import RULES
 
-    def rule(**kw):
-        return component(RunConfig(algo="dsgd-ac", **kw), "comm", total_steps=100, epoch_len=10)
+    def rule(**kw):  # tests.helpers.component: a constant schedule at lr 0.1, so lr_start = 0.1
+        return component(RunConfig(algo="dsgd-ac", lr=0.1, **kw), "comm", total_steps=100, epoch_len=10)
 
     ctx = lambda t, lr: StepContext(t, lr, 0.1, None, 0)  # noqa: E731
     r = rule(ac_start="0.2", p=3.0)
+    assert r.start == 20 and r.lr_start == 0.1
     assert r.gamma(ctx(19, 0.05)) == 1.0
     assert r.gamma(ctx(20, 0.05)) == pytest.approx(0.5 ** 3)
     r = rule(ac_start="3ep", p=2.0)  # epoch 3 = step 30 with 10 steps per epoch
     assert r.gamma(ctx(29, 0.05)) == 1.0 and r.gamma(ctx(30, 0.05)) == pytest.approx(0.25)
     r = rule(ac_start="0", warmup=5, p=3.0)  # never before the warmup ends
     assert r.gamma(ctx(4, 0.01)) == 1.0 and r.gamma(ctx(5, 0.01)) == pytest.approx(0.001)
+    r = rule(ac_start="0.5", p=2.0, gamma_min=0.2)
+    assert r.gamma(ctx(60, 0.05)) == pytest.approx(0.2 + 0.8 * 0.25)
+
+
+def test_dsgd_ac_gamma_is_continuous_at_the_start(tiny_cfg, synthetic):
+    """gamma = 1 up to and at the start step, whatever the lr there (the reference's lr_start): on a
+    cosine schedule starting halfway, gamma moves from 1 by (lr_{t+1} / lr_t)^p, not in a jump."""
+    T = 40
+    cfg = tiny_cfg.replace(algo="dsgd-ac", steps=T, schedule="cosine", ac_start="0.5", p=3.0)
+    tr = make_trainer(cfg, synthetic)
+    gam = [tr.algo.rule.gamma(StepContext(t, tr.lr(t), cfg.lr, None, 0)) for t in range(T)]
+    assert gam[:21] == [1.0] * 21
+    assert gam[21] == pytest.approx((tr.lr(21) / tr.lr(20)) ** 3, rel=1e-12) and gam[21] > 0.75
+    assert (tr.lr(21) / cfg.lr) ** 3 < 0.15  # the peak-lr form would have jumped from 1 to ~0.1 here
+    assert all(a >= b for a, b in zip(gam, gam[1:])) and gam[-1] < 1e-3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,7 +453,7 @@ def test_lamb_steps_match_reference(tiny_cfg, synthetic, clip):
 
 
 def test_d_lamb_steps_match_formula(tiny_cfg, synthetic):
-    """D-LAMB: x_i <- sum_j W_ij x_j - lr U_i, U_i = worker i's own LAMB direction at its pre-mix x_i."""
+    """D-LAMB: z = W x, x_i <- z_i - lr U_i, U_i = worker i's own LAMB direction from z_i (gradient at x_i)."""
     T, lr, wd, n = 3, 0.01, 0.01, 4
     cfg = tiny_cfg.replace(algo="d-lamb", topology="ring", workers=n, steps=T, lr=lr, weight_decay=wd)
     tr = make_trainer(cfg, synthetic)
@@ -444,8 +463,9 @@ def test_d_lamb_steps_match_formula(tiny_cfg, synthetic):
     for t in range(T):
         x, y = tr.batch(t)
         G = grads64(tr.workers.module, X, x, y)
-        U = torch.stack([refs[i].direction(X[i], G[i]) for i in range(n)])
-        X = W @ X - lr * U
+        Z = W @ X  # LAMB steps from the mixed parameters (its trust ratio and weight decay see them)
+        U = torch.stack([refs[i].direction(Z[i], G[i]) for i in range(n)])
+        X = Z - lr * U
         do_step(tr, t)
         torch.testing.assert_close(tr.workers.X.double(), X, **EQ)
 

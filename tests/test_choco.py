@@ -269,7 +269,10 @@ def test_choco_steps_match_formula(tiny_cfg, synthetic, hat_init):
 
 @pytest.mark.parametrize("hat_init", ["zero", "x0"])
 def test_choco_identity_gamma_one_equals_dsgd(tiny_cfg, synthetic, hat_init):
-    """CHOCO with Q = identity and gamma = 1 is D-SGD (cta: x <- W x - lr U), from the common start x^0.
+    """CHOCO with Q = identity and gamma = 1 is D-SGD (cta: x <- W x - lr U), from the common start x^0,
+    without weight decay: CHOCO's local step puts SGD's weight decay at the pre-mix x (epfml's order),
+    D-SGD's cta order at the mixed W x (the reference codes of D-SGD), so with wd > 0 they differ by
+    lr wd (W x - x); momentum acts on the same g in both.
 
     Claim: after every step t >= 1, xhat^t = x^t and s^t = W xhat^t = W x^t. Then step t computes
     x^{t+1} = x^t - lr U + 1 (s^t - xhat^t) = x^t - lr U + W x^t - x^t = W x^t - lr U (D-SGD, U at x^t),
@@ -279,7 +282,7 @@ def test_choco_identity_gamma_one_equals_dsgd(tiny_cfg, synthetic, hat_init):
     xhat^1 = 0 + x^1, s^1 = W x^1. In floating point xhat = xhat + (x - xhat) equals x up to rounding,
     hence float64 and EQ (s accumulates W q rather than recomputing W x).
     """
-    cfg = tiny_cfg.replace(topology="ring", schedule="cosine", steps=10)
+    cfg = tiny_cfg.replace(topology="ring", schedule="cosine", steps=10, weight_decay=0.0)
     X_d = run_steps(cfg.replace(algo="dsgd", order="cta"), synthetic)
     X_c = run_steps(cfg.replace(algo="choco", compressor="identity", gamma=1.0, hat_init=hat_init), synthetic)
     torch.testing.assert_close(X_c, X_d, **EQ)

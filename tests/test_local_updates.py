@@ -260,20 +260,22 @@ def test_diloco_h1_outer_sgd_lr1_equals_csgd(tiny_cfg, synthetic, mu, nesterov):
 
 
 def check_slowmo_run(tr, T, tau, alpha, beta, lr, base):
-    """base(X, t) -> the base algorithm's communication (after the local step); slow steps replace it."""
+    """base(X, g, ref, lr_t, t) -> the base algorithm's step (ref: the SGD reference, whose direction(P, g) puts
+    its weight decay at P); slow steps replace it."""
     X = tr.workers.X.double().clone()
     x0, u, ref = X[0].clone(), torch.zeros_like(X[0]), SGDRef()
     for t in range(T):
         x, y = tr.batch(t)
         lr_t = cosine(t, lr, T)
-        U = ref.direction(X, grads64(tr.workers.module, X, x, y))
+        g = grads64(tr.workers.module, X, x, y)
         if (t + 1) % tau == 0:
+            U = ref.direction(X, g)
             xbar = (X - lr_t * U).mean(0)
             u = beta * u + (x0 - xbar) / lr_t
             x0 = x0 - alpha * lr_t * u
             X = x0.expand_as(X).clone()
         else:
-            X = base(X, U, lr_t, t)
+            X = base(X, g, ref, lr_t, t)
         do_step(tr, t)
         torch.testing.assert_close(tr.workers.X.double(), X, **EQ)
     torch.testing.assert_close(tr.algo.rule.x0, x0, **EQ)
@@ -288,8 +290,8 @@ def test_slowmo_matches_formula(tiny_cfg, synthetic, alpha, beta):
     cfg = tiny_cfg.replace(algo="slowmo", local_period=H, period=tau, steps=T, slow_lr=alpha, slow_momentum=beta)
     tr = make_trainer(cfg, synthetic)
 
-    def base(X, U, lr_t, t):
-        X = X - lr_t * U
+    def base(X, g, ref, lr_t, t):
+        X = X - lr_t * ref.direction(X, g)
         return mean_rows(X) if (t + 1) % H == 0 else X
 
     check_slowmo_run(tr, T, tau, alpha, beta, cfg.lr, base)
@@ -297,14 +299,18 @@ def test_slowmo_matches_formula(tiny_cfg, synthetic, alpha, beta):
 
 @pytest.mark.parametrize("order", ["cta", "atc"])
 def test_slowmo_gossip_matches_formula(tiny_cfg, synthetic, order):
-    """D-SGD (x <- W x - lr U, or W (x - lr U)) every step but after steps 2 and 5: slow steps (tau = 3)."""
+    """D-SGD (cta: z = W x, x <- z - lr U(z, g); atc: W (x - lr U(x, g))) every step but after steps 2 and 5:
+    slow steps (tau = 3)."""
     T, tau, n = 7, 3, 4
     cfg = tiny_cfg.replace(algo="slowmo-gossip", topology="ring", workers=n, period=tau, steps=T, order=order)
     tr = make_trainer(cfg, synthetic)
     W = torch.from_numpy(topologies.get_topology("ring", n).weights(0))
 
-    def base(X, U, lr_t, t):
-        return W @ X - lr_t * U if order == "cta" else W @ (X - lr_t * U)
+    def base(X, g, ref, lr_t, t):
+        if order == "cta":
+            Z = W @ X
+            return Z - lr_t * ref.direction(Z, g)
+        return W @ (X - lr_t * ref.direction(X, g))
 
     check_slowmo_run(tr, T, tau, 1.0, 0.5, cfg.lr, base)
 

@@ -95,8 +95,13 @@ class RunCommand:
             if not isinstance(force, bool):
                 raise UserError(f"--config {str(config)!r}: force must be true or false (got {force!r})")
         explicit = [(k, _typed(k, v)) for k, v in given.items() if k not in core] + _assignments(sets)
-        base = RunConfig.from_dict({**values, **{k: v for k, v in given.items() if k in core}}).with_params(explicit)
+        try:
+            from_file = RunConfig.from_dict(values)
+        except UserError as e:
+            raise UserError(f"--config {str(config)!r}: {e}") from None
+        base = from_file.replace(**{k: v for k, v in given.items() if k in core}).with_params(explicit)
         _check_used(base, [k for k, _ in explicit])
+        base.validate()  # once, before anything starts (the runner's own check is then a formality)
         if base.procs > 1 and base.backend == "simulated":
             base = base.replace(backend="dist")
         cfgs = [base.replace(seed=s) for s in (parse_seeds(seeds) if seeds is not None else [base.seed])]
@@ -241,8 +246,9 @@ def _print_run(s: dict) -> None:
 
 @app.command()
 def compare(
+    ctx: typer.Context,
     results_dir: str = typer.Argument("results", help="Folder of runs (searched recursively)."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table, csv, md or tex."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, csv, md, tex, or runs (one CSV row per run)."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write to FILE (.csv, .md or .tex)."),
     by: Optional[str] = typer.Option(None, help="Group by these keys, e.g. algo,topology (default: the config)."),
     columns: Optional[str] = typer.Option(None, help="Columns, e.g. test_acc,test_loss,top_eig,computation."),
@@ -250,16 +256,20 @@ def compare(
     target_acc: Optional[float] = typer.Option(None, help="Steps and train seconds to this test accuracy (%)."),
     tune: Optional[List[str]] = typer.Option(None, help="Keep the value of KEY (e.g. lr) with the best mean val_acc "
                                                         "per configuration; repeatable or comma-separated."),
+    tune_seeds: Optional[str] = typer.Option(None, help="With --tune: choose on these seeds only and report the "
+                                                        "others (e.g. 100-101); default: the suite's, if any."),
+    robust: bool = typer.Option(False, "--robust", help="Also median [min, max] of test accuracy."),
 ):
-    """Leaderboard: group runs over seeds; mean ± std, 95% CI, paired differences to a baseline."""
+    """Leaderboard: group runs over seeds; mean ± std, 95% CI, failures, paired tests against a baseline."""
     from rich.text import Text
 
     from bench import leaderboard as lb
+    from bench.config import parse_seeds
 
     if fmt not in lb.FORMATS:
         raise UserError(f"--format {fmt!r}: valid: {', '.join(lb.FORMATS)}")
     if out_file is not None:
-        fmt = lb.format_from_path(str(out_file))
+        fmt = lb.format_from_path(str(out_file)) if fmt != "runs" else "runs"
     metrics = lb.DEFAULT_COLUMNS
     if columns:
         metrics = tuple(_keys(columns))
@@ -267,12 +277,22 @@ def compare(
         if bad:
             raise UserError(f"--columns: unknown metric {bad[0]!r}; valid: {', '.join(lb.COLUMNS)}")
     tune_keys = _keys(tune)
-    df = lb.runs_frame(results_dir, warn=lambda m: err.print(f"[yellow]warning:[/yellow] {m}"))
-    selected = lb.tune_runs(df, tune_keys)[0] if tune_keys else df
-    numeric, display = lb.leaderboard(selected, _keys(by) or None, metrics,
-                                      baseline=baseline, target_acc=target_acc, tuned=tune_keys)
+    warn = lambda m: err.print(f"[yellow]warning:[/yellow] {m}", soft_wrap=True)  # noqa: E731
+    df = lb.runs_frame(results_dir, warn=warn)
+    selected = df
+    if tune_keys:
+        seeds = parse_seeds(tune_seeds, "--tune-seeds") if tune_seeds is not None else _suite_tune_seeds(results_dir)
+        selected, choices = lb.tune_runs(df, tune_keys, seeds, where=f" in {results_dir}")
+        for m in lb.tune_warnings(choices, tune_keys, seeds):
+            warn(m)
+    elif tune_seeds is not None:
+        raise UserError("--tune-seeds goes with --tune KEY (e.g. --tune lr --tune-seeds 100-101)")
+    numeric, display = lb.leaderboard(selected, _keys(by) or None, metrics, baseline=baseline,
+                                      target_acc=target_acc, tuned=tune_keys, robust=robust,
+                                      where=f" in {results_dir}")
+    prov = lb.provenance(selected, _command_line(ctx))
     if out_file is not None:
-        text = lb.render(numeric, display, fmt)
+        text = lb.render(numeric, display, fmt, prov, runs=selected)
         try:
             out_file.write_text(text)
         except OSError as e:
@@ -281,7 +301,7 @@ def compare(
         return
     if fmt == "table":
         title = f"dsgdbench leaderboard ({len(df)} runs in {results_dir}"
-        title += f"; {len(selected)} kept by --tune {','.join(tune_keys)})" if tune_keys else ")"
+        title += f"; {len(selected)} reported by --tune {','.join(tune_keys)})" if tune_keys else ")"
         t = Table(title=title, caption="\n".join(display.attrs.get("notes", [])) or None)
         left = lb.text_columns(display)
         for c in display.columns:
@@ -290,7 +310,38 @@ def compare(
             t.add_row(*[Text(str(v)) for v in r])
         out.print(t)
     else:
-        sys.stdout.write(lb.render(numeric, display, fmt))
+        sys.stdout.write(lb.render(numeric, display, fmt, prov, runs=selected))
+
+
+def _suite_tune_seeds(results_dir: str):
+    """The tuning seeds a suite recorded in its results folder (suite.json), else None."""
+    f = Path(results_dir) / "suite.json"
+    try:
+        data = json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, ValueError):
+        return None
+    seeds = data.get("tune_seeds") if isinstance(data, dict) else None
+    return list(seeds) if isinstance(seeds, list) and seeds else None
+
+
+def _command_line(ctx: typer.Context) -> str:
+    """The command as typed (its parameters as given on the command line), for the provenance of a table."""
+    import shlex
+
+    words = ctx.command_path.split()
+    words[0] = "dsgdbench"
+    for p in ctx.command.params:
+        src = ctx.get_parameter_source(p.name)
+        v = ctx.params.get(p.name)
+        if src is None or src.name != "COMMANDLINE" or v is None:
+            continue
+        if p.param_type_name == "argument":
+            words.append(str(v))
+            continue
+        flag = max(p.opts, key=len)
+        for item in (v if isinstance(v, (list, tuple)) else [v]):
+            words += [flag] if item is True else ([] if item is False else [flag, str(item)])
+    return shlex.join(words)
 
 
 @app.command()
@@ -305,12 +356,16 @@ def suite(
                                                                  "device=cpu; repeatable."),
     data_dir: Optional[str] = typer.Option(None, help="Folder holding image data sets (CIFAR)."),
     force: bool = typer.Option(False, "--force", help="Rerun finished runs (otherwise they are skipped)."),
+    max_runs: int = typer.Option(2000, help="Refuse a suite that expands to more configurations than this."),
 ):
     """Run a grid of configurations; finished runs are skipped, so running it again continues."""
     from bench import suites
 
+    if max_runs < 1:
+        raise UserError(f"--max-runs must be >= 1 (got {max_runs})")
     plan = suites.plan(suites.load_suite(name), results=results_dir, seeds=seeds, filters=filter_ or [],
-                       overrides=set_ or [], data_dir=data_dir, force=force, check_run=not dry_run)
+                       overrides=set_ or [], data_dir=data_dir, force=force, check_run=not dry_run,
+                       max_runs=max_runs)
     if dry_run:
         out.print(suites.plan_table(plan))
         out.print(suites.plan_counts(plan), highlight=False, markup=False)

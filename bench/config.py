@@ -49,6 +49,11 @@ PRECISIONS = ("fp32", "bf16", "fp64")
 EXECUTORS = ("auto", "native", "vmap", "loop")
 BACKENDS = ("simulated", "dist")
 FORMAT = 2  # config.json layout: core fields, "params" (full names), "files" (content hashes)
+MAX_SEEDS = 10000  # a --seeds range longer than this is a typo, not an experiment
+# Names users reach for that are spelled otherwise here (the did-you-mean of an unknown option).
+ALIASES = {"learning_rate": "lr", "lr_schedule": "schedule", "batch_size": "batch", "num_workers": "workers",
+           "n_workers": "workers", "n": "workers", "num_steps": "steps", "iterations": "steps", "wd": "weight_decay",
+           "topo": "topology", "algorithm": "algo", "optimizer": "opt"}
 
 
 def core_field(default, help: str, role: str, flags: tuple = ()):
@@ -158,7 +163,9 @@ class RunConfig:
                 params += [(f"{k}.{name}", val) for name, val in v.items()]
             else:
                 if "." not in key and not _is_param(key):
-                    raise UserError(unknown_name("option", k, sorted(core) + _param_names()))
+                    hint = f" (did you mean {ALIASES[key]!r}?)" if key in ALIASES else ""
+                    raise UserError(unknown_name("option", k, sorted(core) + _param_names()) + hint
+                                    if not hint else f"unknown option {k!r}{hint}")
                 params.append((k, v))
         for k, _ in params:
             check_key(k)
@@ -280,7 +287,8 @@ class RunConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("backend", self.backend, BACKENDS)
         if self.init is not None and not os.path.isfile(self.init):
-            raise UserError(f"--init {self.init!r}: no such file")
+            raise UserError(f"--init {self.init!r}: " + ("is a folder; give a state_dict file" if os.path.isdir(self.init)
+                                                          else "no such file"))
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise UserError(f"--seed must be an integer in [0, 2^32) (got {self.seed})")
         for name in ("workers", "batch", "ref_batch", "procs", "eval_train_samples"):
@@ -520,8 +528,10 @@ def parse_seeds(value, where: str = "--seeds", limit: int | None = None) -> list
                 part = part.strip()
                 if "-" in part[1:]:
                     a, b = (int(x) for x in part.split("-", 1))
-                    if limit is not None and b - a + 1 > limit:
-                        raise UserError(f"{where} {value!r}: {b - a + 1} seeds; at most {limit}")
+                    if b < a:
+                        raise UserError(f"{where} {value!r}: the range {part} runs backwards; write {b}-{a}")
+                    if b - a + 1 > (limit or MAX_SEEDS):
+                        raise UserError(f"{where} {value!r}: {b - a + 1} seeds; at most {limit or MAX_SEEDS}")
                     out.extend(range(a, b + 1))
                 elif part:
                     out.append(int(part))

@@ -208,6 +208,8 @@ def read_summary(run_dir: Path) -> dict | None:
     f = Path(run_dir) / "summary.json"
     if not f.exists():
         return None
+    if not f.is_file():
+        raise ValueError(f"{f}: not a file")
     try:
         s = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -226,15 +228,20 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def load_runs(root: str, warn=None) -> list[dict]:
-    """Every run summary under root (recursively). Corrupt ones are skipped with a warning."""
+    """Every run summary under root (recursively). Corrupt ones are skipped with a warning.
+
+    Run folders without a finished summary are not read: unfinished() lists them.
+    """
     p = Path(root)
     if not p.is_dir():
         raise UserError(f"results folder {root!r} does not exist; run `dsgdbench run` first or pass the folder")
     runs = []
     for f in sorted(p.rglob("summary.json")):
+        if any(part.startswith(".") for part in f.relative_to(p).parts[:-1]):
+            continue  # .<run_id>.rerun, .locks: work in progress
         try:
             s = read_summary(f.parent)
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             if warn:
                 warn(f"skipped: {e}")
             continue
@@ -242,6 +249,16 @@ def load_runs(root: str, warn=None) -> list[dict]:
             s["run_dir"] = str(f.parent)
             runs.append(s)
     return runs
+
+
+def unfinished(root: str) -> list[Path]:
+    """Run folders under root with a config.json and no finished summary (killed, or still training)."""
+    out = []
+    for f in sorted(Path(root).rglob("config.json")):
+        d = f.parent
+        if not any(part.startswith(".") for part in d.relative_to(root).parts) and not is_finished(d):
+            out.append(d)
+    return out
 
 
 def load_metrics(run_dir: str):
@@ -260,6 +277,11 @@ def versions() -> dict:
                              text=True, timeout=5)
         if out.returncode == 0:
             rev = out.stdout.strip()
+            code = ["bench", "algorithms", "topologies", "dsgdbench.py"]  # uncommitted changes to the code
+            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--",
+                                    *code], capture_output=True, text=True, timeout=5)
+            if dirty.returncode == 0 and dirty.stdout.strip():
+                rev += "+dirty"
     except (OSError, subprocess.SubprocessError):
         pass
     return {"torch": torch.__version__, "dsgdbench": bench.__version__, "git": rev,

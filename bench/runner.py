@@ -104,7 +104,10 @@ def prepare(cfg: RunConfig):
     data = data.to(device)
     resolved = cfg.resolve(len(data.y_train), data.default_model)
     shard = len(data.y_train) // resolved.workers
-    if resolved.partition == "iid" and resolved.batch > shard:  # before any n x n structure is built
+    if resolved.workers > len(data.y_train):  # before any n x n structure is built
+        raise UserError(f"--workers {resolved.workers} is more than the {len(data.y_train)} training samples of "
+                        f"{resolved.dataset}; every worker needs a shard of at least one batch")
+    if resolved.partition == "iid" and resolved.batch > shard:
         raise UserError(f"--batch {resolved.batch} is larger than a worker's shard ({shard} samples with "
                         f"{resolved.workers} workers); use --batch <= {max(1, shard)} or fewer workers")
     return resolved, data, device

@@ -67,6 +67,7 @@ Running a plan is bench/suite_run.py.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -420,7 +421,7 @@ def expand(suite: Suite, seeds: Optional[Iterable[int]] = None, overrides: Optio
 
 def plan(suite: Suite, results: Optional[str] = None, seeds: Optional[str] = None,
          filters: Iterable[str] = (), overrides: Iterable[str] = (), data_dir: Optional[str] = None,
-         force: bool = False, check_run: bool = True) -> Plan:
+         force: bool = False, check_run: bool = True, max_runs: int = 2000) -> Plan:
     """Build, validate, resolve, filter and de-duplicate the runs of a suite; nothing is trained.
 
     check_run: the suite is about to run, so the data sets must be readable and the device
@@ -431,7 +432,12 @@ def plan(suite: Suite, results: Optional[str] = None, seeds: Optional[str] = Non
         over["data_dir"] = data_dir
     keep = parse_filters(filters)
     root = results or suite.results
-    cfgs = expand(suite, parse_seeds(seeds) if seeds is not None else None, over, root)
+    seed_list = parse_seeds(seeds) if seeds is not None else list(suite.seeds)
+    count = len(seed_list) * math.prod(len(v) for v in suite.grid.values()) * len(suite.variants)
+    if count > max_runs:  # before a single configuration is built
+        raise UserError(f"suite {suite.name} expands to {count} configurations, more than {max_runs}; narrow it "
+                        f"(--seeds, fewer grid values) or allow it with --max-runs {count}")
+    cfgs = expand(suite, seed_list, over, root)
     p = Plan(suite, root, [], force, expanded=len(cfgs))
     sizes: dict[tuple, tuple[int, str]] = {}
     graphs: set[tuple[str, int]] = set()

@@ -383,7 +383,7 @@ def test_diverged_runs_are_results(tmp_path):
     assert_ok(res)
     statuses = sorted(s["status"] for s in _summaries(root).values())
     assert statuses == ["completed", "diverged"]
-    assert "ran 2 (1 diverged), skipped 0" in res.stdout
+    assert "ran 2 (1 failed: diverged or collapsed), skipped 0" in res.stdout
     # a diverged run is finished: the rerun skips it
     res = cli("suite", f, "--results", root)
     assert_ok(res)

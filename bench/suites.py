@@ -67,6 +67,7 @@ Running a plan is bench/suite_run.py.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from dataclasses import dataclass, field
 from importlib import resources
@@ -84,7 +85,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-TOP_LEVEL = ("name", "description", "seeds", "results", "base", "per_algo", "grid", "variants")
+TOP_LEVEL = ("name", "description", "seeds", "results", "base", "per_algo", "grid", "variants", "tune", "tune_seeds")
 # Fields that are suite-wide settings rather than per-run values.
 NOT_IN_TABLES = {"seed": "seeds = [...]", "seeds": "seeds = [...]", "results": "results = \"DIR\""}
 FIELD_TYPES = {f.name: f.type for f in RunConfig.core()}
@@ -101,6 +102,9 @@ class Suite:
     grid: dict
     variants: tuple
     source: str  # the file it came from
+    per_algo_grid: dict = field(default_factory=dict)  # algo -> {key: values} replacing [grid]'s for that algo
+    tune: tuple = ()  # grid keys chosen on the tuning seeds (validation accuracy)
+    tune_seeds: tuple = ()  # seeds used only to choose; `seeds` are then the report seeds
 
 
 @dataclass
@@ -109,6 +113,7 @@ class PlannedRun:
     resolved: RunConfig
     run_id: str
     finished: bool  # a finished summary is already on disk
+    phase: str = "report"  # "tune" (a tuning seed) or "report"
 
 
 @dataclass
@@ -121,6 +126,9 @@ class Plan:
     filtered_out: int = 0
     merged: int = 0  # configurations that were the same run as an earlier one
     notes: list[str] = field(default_factory=list)
+    pending: int = 0  # report runs of a tuned suite, planned once its tuning runs are finished
+    replan: object = None  # plan() again with the same arguments (a tuned suite's report runs)
+    choices: list = field(default_factory=list)  # (configuration, chosen values, candidates, edge) of a tuned suite
 
     @property
     def done(self) -> list[PlannedRun]:
@@ -182,14 +190,37 @@ def parse_suite(text: str, default_name: str, source: str) -> Suite:
         raise UserError(f"{where}: per_algo must be tables, e.g. [per_algo.lamb] with lr = 0.01")
     import algorithms
 
-    per_algo = {}
+    per_algo, per_algo_grid = {}, {}
     for algo, table in per_algo_raw.items():
         algorithms.PRESETS.get(algo)  # an unknown algorithm: one line with the valid names
+        table = dict(table) if isinstance(table, dict) else table
+        own_grid = table.pop("grid", None) if isinstance(table, dict) else None
         per_algo[algo] = _table(table, f"{where}: [per_algo.{algo}]")
         if "algo" in per_algo[algo]:
             raise UserError(f"{where}: [per_algo.{algo}] cannot set algo")
+        if own_grid is not None:
+            per_algo_grid[algo] = _grid(own_grid, f"{where}: [per_algo.{algo}.grid]")
 
     grid = _grid(data.get("grid"), where)
+    for algo, g in per_algo_grid.items():
+        extra = sorted(set(g) - set(grid))
+        if extra:
+            raise UserError(f"{where}: [per_algo.{algo}.grid] sets {extra[0]!r}, which is not in [grid]; a per-algorithm "
+                            f"grid replaces values of [grid] keys")
+    tune = data.get("tune", [])
+    if not isinstance(tune, list) or not all(isinstance(k, str) for k in tune):
+        raise UserError(f"{where}: tune must be a list of [grid] keys, e.g. tune = [\"lr\"]")
+    tune = tuple(dict.fromkeys(_check_key(k, f"{where}: tune") for k in tune))
+    missing = [k for k in tune if k not in grid]
+    if missing:
+        raise UserError(f"{where}: tune key {missing[0]!r} is not in [grid]; tuning chooses among grid values")
+    tune_seeds = _suite_seeds(data["tune_seeds"], where) if "tune_seeds" in data else ()
+    if bool(tune) != bool(tune_seeds):
+        raise UserError(f"{where}: tune and tune_seeds go together: tune = [\"lr\"] chooses on tune_seeds, then "
+                        f"the chosen values run on seeds")
+    if set(tune_seeds) & set(seeds):
+        raise UserError(f"{where}: tune_seeds and seeds share {sorted(set(tune_seeds) & set(seeds))[0]}: the seeds "
+                        f"a value is chosen on must not be reported")
     variants = _variants(data.get("variants"), where)
     variant_keys = {k for v in variants for k in v}
     both = sorted(set(grid) & variant_keys)
@@ -201,7 +232,8 @@ def parse_suite(text: str, default_name: str, source: str) -> Suite:
                 other = "[grid]" if k in grid else "[[variants]]"
                 raise UserError(f"{where}: [per_algo.{algo}] sets {k!r}, which {other} also sets for every run; "
                                 f"remove one of them")
-    return Suite(name, description, seeds, results, base, per_algo, grid, variants, source)
+    return Suite(name, description, seeds, results, base, per_algo, grid, variants, source, per_algo_grid, tune,
+                 tune_seeds)
 
 
 def _field(key: str) -> Optional[str]:
@@ -399,13 +431,15 @@ def _matches(cfg: RunConfig, resolved: RunConfig, filters: dict[str, list]) -> b
 
 def expand(suite: Suite, seeds: Optional[Iterable[int]] = None, overrides: Optional[dict] = None,
            results: Optional[str] = None) -> list[RunConfig]:
-    """Every configuration of the suite, validated, in running order (seed, then grid, then variant)."""
+    """Every configuration of the suite, validated, in running order (seed, then grid, then variant).
+
+    The grid's algo values are outermost; an algorithm's own grid ([per_algo.X.grid]) replaces the
+    values of those keys for its runs.
+    """
     overrides = overrides or {}
-    keys = list(suite.grid)
     out = []
     for seed in (list(seeds) if seeds is not None else suite.seeds):
-        for point in itertools.product(*(suite.grid[k] for k in keys)):
-            point = dict(zip(keys, point))
+        for point in grid_points(suite):
             for variant in suite.variants:
                 written = {**suite.base, **point, **variant, **overrides}
                 algo = written.get("algo", RunConfig.algo)
@@ -419,13 +453,32 @@ def expand(suite: Suite, seeds: Optional[Iterable[int]] = None, overrides: Optio
     return out
 
 
+def grid_points(suite: Suite) -> list[dict]:
+    """The grid's points: algo outermost, each algorithm with its own grid where it has one."""
+    algos = suite.grid.get("algo", [None])
+    out = []
+    for a in algos:
+        g = {k: v for k, v in suite.grid.items() if k != "algo"}
+        g.update(suite.per_algo_grid.get(a, {}) if a is not None else {})
+        keys = list(g)
+        for values in itertools.product(*(g[k] for k in keys)):
+            out.append(({"algo": a} if a is not None else {}) | dict(zip(keys, values)))
+    return out
+
+
+def n_points(suite: Suite) -> int:
+    return len(grid_points(suite)) if suite.grid else 1
+
+
 def plan(suite: Suite, results: Optional[str] = None, seeds: Optional[str] = None,
          filters: Iterable[str] = (), overrides: Iterable[str] = (), data_dir: Optional[str] = None,
          force: bool = False, check_run: bool = True, max_runs: int = 2000) -> Plan:
     """Build, validate, resolve, filter and de-duplicate the runs of a suite; nothing is trained.
 
     check_run: the suite is about to run, so the data sets must be readable and the device
-    present (a dry run only notes what is missing).
+    present (a dry run only notes what is missing). A tuned suite (tune, tune_seeds) plans its
+    tuning runs (every grid point on the tuning seeds) and, once they are all finished, its report
+    runs: each configuration's chosen value on the report seeds (choose_tuned states the rule).
     """
     over = parse_overrides(overrides)
     if data_dir is not None:
@@ -433,36 +486,114 @@ def plan(suite: Suite, results: Optional[str] = None, seeds: Optional[str] = Non
     keep = parse_filters(filters)
     root = results or suite.results
     seed_list = parse_seeds(seeds) if seeds is not None else list(suite.seeds)
-    count = len(seed_list) * math.prod(len(v) for v in suite.grid.values()) * len(suite.variants)
-    if count > max_runs:  # before a single configuration is built
+    per_point = len(suite.variants) * (math.prod(len(v) for v in suite.grid.values()) if suite.grid else 1)
+    count = per_point * (len(suite.tune_seeds) + len(seed_list))  # an upper bound, before anything is built
+    if count > max_runs:
         raise UserError(f"suite {suite.name} expands to {count} configurations, more than {max_runs}; narrow it "
                         f"(--seeds, fewer grid values) or allow it with --max-runs {count}")
-    cfgs = expand(suite, seed_list, over, root)
-    p = Plan(suite, root, [], force, expanded=len(cfgs))
-    sizes: dict[tuple, tuple[int, str]] = {}
-    graphs: set[tuple[str, int]] = set()
-    seen: set[str] = set()
-    for cfg in cfgs:
-        _check_backend(suite, cfg, check_run, p.notes)
-        key = (cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
-        if key not in sizes:
-            sizes[key] = _data_size(suite, cfg, check_run, p.notes)
-        n_train, default_model = sizes[key]
-        resolved = cfg.resolve(n_train, default_model)
-        if not _matches(cfg, resolved, keep):
-            p.filtered_out += 1
-            continue
-        run_id = resolved.run_id()
-        if run_id in seen:
-            p.merged += 1
-            continue
-        seen.add(run_id)
-        _check_run(suite, resolved, n_train, graphs)
-        p.runs.append(PlannedRun(cfg, resolved, run_id, results_io.is_finished(Path(root) / run_id)))
+    p = Plan(suite, root, [], force)
+    p.replan = lambda: plan(suite, results, seeds, filters, overrides, data_dir, force, check_run, max_runs)
+    ctx = {"sizes": {}, "graphs": set(), "seen": set(), "keep": keep, "check_run": check_run}
+    if suite.tune:
+        _add_runs(p, expand(suite, suite.tune_seeds, over, root), "tune", ctx)
+        tuning = [r for r in p.runs if r.phase == "tune"]
+        if any(r.finished for r in tuning) or not tuning:
+            p.choices = choose_tuned(suite, tuning, root)
+        if tuning and all(r.finished for r in tuning):
+            chosen = [c["cfg"] for c in p.choices]
+            _add_runs(p, [c.replace(seed=s) for s in seed_list for c in chosen], "report", ctx)
+        else:
+            p.pending = per_point // max(1, math.prod(len(suite.grid[k]) for k in suite.tune)) * len(seed_list)
+            p.notes.append(f"the report runs (about {p.pending}: each configuration's chosen "
+                           f"{', '.join(suite.tune)} on seeds {_seed_text(seed_list)}) are planned once the "
+                           f"{len(tuning)} tuning runs (seeds {_seed_text(suite.tune_seeds)}) are finished")
+    else:
+        _add_runs(p, expand(suite, seed_list, over, root), "report", ctx)
     if not p.runs:
         what = " ".join(f"--filter {k}={','.join(map(str, v))}" for k, v in keep.items())
         raise UserError(f"suite {suite.name}: {what} matches none of its {p.expanded} configurations")
     return p
+
+
+def _config_text(suite: Suite, cfg: RunConfig) -> str:
+    """The grid keys that place a configuration (not the tuned ones), for messages."""
+    keys = [k for k in suite.grid if k not in suite.tune and k != "algo"]
+    return ", ".join(f"{k}={_tuned_value(cfg, k)}" for k in keys) or "all"
+
+
+def _seed_text(seeds) -> str:
+    seeds = list(seeds)
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ",".join(map(str, seeds))
+
+
+def _add_runs(p: Plan, cfgs: list[RunConfig], phase: str, ctx: dict) -> None:
+    """Resolve, filter, de-duplicate and check the configurations; add them to the plan."""
+    suite = p.suite
+    p.expanded += len(cfgs)
+    for cfg in cfgs:
+        _check_backend(suite, cfg, ctx["check_run"], p.notes)
+        key = (cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
+        if key not in ctx["sizes"]:
+            ctx["sizes"][key] = _data_size(suite, cfg, ctx["check_run"], p.notes)
+        n_train, default_model = ctx["sizes"][key]
+        resolved = cfg.resolve(n_train, default_model)
+        if not _matches(cfg, resolved, ctx["keep"]):
+            p.filtered_out += 1
+            continue
+        run_id = resolved.run_id()
+        if run_id in ctx["seen"]:
+            p.merged += 1
+            continue
+        ctx["seen"].add(run_id)
+        _check_run(suite, resolved, n_train, ctx["graphs"])
+        if phase == "tune" and not resolved.val_fraction > 0:
+            raise UserError(f"suite {suite.name}: tuning chooses on validation accuracy; set val_fraction "
+                            f"(e.g. 0.1) in [base]")
+        p.runs.append(PlannedRun(cfg, resolved, run_id, results_io.is_finished(Path(p.results) / run_id), phase))
+
+
+def choose_tuned(suite: Suite, tuning: list[PlannedRun], root: str) -> list[dict]:
+    """Per configuration (all but the tuned keys and the seed), the value of the tuned keys chosen on the
+    finished tuning runs, by the rule of `dsgdbench compare --tune` (bench/leaderboard.py): fewest
+    failed seeds, then the highest mean validation accuracy of the completed seeds, then the smaller
+    value. Returns dicts: cfg (a winning run's configuration, to be run on the report seeds), values,
+    candidates, edge (tuned keys whose choice is the smallest or largest of 3+ numeric values)."""
+    from bench.leaderboard import _at_edge, _Candidate, _sort_key
+
+    groups: dict = {}
+    for r in tuning:
+        ident = r.resolved.identity(with_seed=False)
+        key = json.dumps({k: v for k, v in ident.items() if k not in suite.tune
+                          and k.rpartition(".")[2] not in suite.tune}, sort_keys=True, default=str)
+        value = tuple(_tuned_value(r.cfg, k) for k in suite.tune)
+        groups.setdefault(key, {}).setdefault(value, []).append(r)
+    out = []
+    for by_value in groups.values():
+        ranking = []
+        for value, runs in by_value.items():
+            sums = [results_io.read_summary(Path(root) / r.run_id) if r.finished else None for r in runs]
+            done = [s for s in sums if s is not None]
+            if len(done) < len(runs):
+                break  # not all finished: no choice yet for this configuration
+            ok = [s for s in done if s["status"] == "completed" and isinstance(s.get("val_acc"), (int, float))]
+            failed = sum(s["status"] in results_io.FAILED for s in done) / len(done)
+            val = sum(s["val_acc"] for s in ok) / len(ok) if ok else math.nan
+            ranking.append((_Candidate(rows=None, failed=failed, val_acc=val, completed=len(ok),
+                                       order=_sort_key(list(value))), value, runs))
+        else:
+            ranking.sort(key=lambda c: c[0].rank())
+            _, value, runs = ranking[0]
+            candidates = [v for _, v, _ in ranking]
+            edge = [k for i, k in enumerate(suite.tune) if _at_edge(value[i], [c[i] for c in candidates])]
+            out.append({"cfg": runs[0].cfg, "values": dict(zip(suite.tune, value)), "candidates": len(ranking),
+                        "val_acc": ranking[0][0].val_acc, "edge": edge})
+    return out
+
+
+def _tuned_value(cfg: RunConfig, key: str):
+    return getattr(cfg, key) if key in FIELD_TYPES else cfg.param(key)
 
 
 def _check_run(suite: Suite, c: RunConfig, n_train: int, graphs: set) -> None:
@@ -530,18 +661,24 @@ def plan_table(p: Plan):
     from rich.table import Table
 
     t = Table(title=f"suite {p.suite.name}: {len(p.runs)} runs in {p.results}")
-    for c in ("run id", "algo", "topology", "workers", "batch", "lr", "steps", "seed", "status"):
+    for c in ("run id", "algo", "topology", "workers", "batch", "lr", "steps", "seed", "phase", "status"):
         t.add_column(c, justify="right" if c in ("workers", "batch", "lr", "steps", "seed") else "left")
     for r in p.runs:
         c = r.resolved
         status = ("[green]done[/green]" if not p.force else "[yellow]rerun[/yellow]") if r.finished else "todo"
         t.add_row(r.run_id, c.algo, c.topology, str(c.workers), str(c.batch), f"{c.lr:g}", str(c.steps),
-                  str(c.seed), status)
+                  str(c.seed), r.phase, status)
     return t
 
 
 def plan_counts(p: Plan) -> str:
     n_done = len(p.done)
+    if p.suite.tune:
+        for c in p.choices:
+            what = ", ".join(f"{k}={v}" for k, v in c["values"].items())
+            edge = f"; at the edge of its grid: widen {', '.join(c['edge'])}" if c["edge"] else ""
+            p.notes.append(f"tuned {c['cfg'].algo} ({_config_text(p.suite, c['cfg'])}): {what} of {c['candidates']}, "
+                           f"val acc {c['val_acc']:.2f}{edge}")
     lines = [f"{len(p.runs)} runs: {n_done} done, {len(p.todo)} to run"
              + (" (--force reruns finished runs)" if p.force else "")]
     extra = []
@@ -562,7 +699,8 @@ def listing() -> list[tuple[str, str]]:
         try:
             s = load_suite(name)
             p = plan(s, check_run=False)
-            rows.append((name, f"{s.description}  ({len(p.runs)} runs)"))
+            n = f"{len(p.runs)} + about {p.pending} runs" if p.pending else f"{len(p.runs)} runs"
+            rows.append((name, f"{s.description}  ({n})"))
         except UserError as e:
             rows.append((name, f"invalid: {e}"))
     return rows

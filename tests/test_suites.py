@@ -6,11 +6,14 @@ Every training run here is tiny (synthetic data set, 2-4 workers, batch 8, 3-5 s
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -435,3 +438,63 @@ def test_planned_run_ids_match_the_runner(name):
     for r in (p.runs[0], p.runs[-1], next(r for r in p.runs if r.cfg.algo == "csgd")):
         resolved, _, _ = prepare(r.cfg)
         assert resolved.run_id() == r.run_id
+
+
+TUNED = """
+name = "tuned"
+seeds = [0, 1]
+tune_seeds = [100, 101]
+tune = ["lr"]
+results = "{root}"
+[base]
+dataset = "synthetic"
+model = "mlp"
+workers = 4
+batch = 8
+steps = 30
+val_fraction = 0.25
+hessian = false
+[grid]
+algo = ["csgd", "dsgd"]
+lr = [0.01, 0.1, 0.5]
+[per_algo.dsgd.grid]
+lr = [0.05, 0.2, 1.0]
+"""
+
+
+def test_tuned_suite_chooses_on_tuning_seeds_and_reports_the_others(tmp_path):
+    """Phase 1: every lr of each algorithm's own grid on seeds 100, 101; phase 2: the value with the best mean
+    val_acc (computed here from the summaries) on seeds 0, 1; compare --tune lr then reports only those."""
+    import json as _json
+
+    root = tmp_path / "res"
+    f = write(tmp_path / "tuned.toml", TUNED.format(root=root.as_posix()))
+    res = cli("suite", f, "--dry-run")
+    assert_ok(res)
+    assert "report runs" in " ".join(res.stdout.split())
+    p = planned(f)
+    assert {(r.cfg.algo, r.cfg.lr) for r in p.runs} == {("csgd", v) for v in (0.01, 0.1, 0.5)} | {
+        ("dsgd", v) for v in (0.05, 0.2, 1.0)}
+    assert {r.cfg.seed for r in p.runs} == {100, 101} and p.pending == 4
+    res = cli("suite", f)
+    assert_ok(res)
+    sums = [_json.loads(s.read_text()) for s in root.glob("*/summary.json")]
+    assert len(sums) == 12 + 4
+    for algo in ("csgd", "dsgd"):
+        tune = [s for s in sums if s["algo"] == algo and s["seed"] >= 100]
+        by_lr = {}
+        for s in tune:
+            by_lr.setdefault(s["lr"], []).append(s)
+        rank = sorted(by_lr, key=lambda lr: (sum(x["status"] != "completed" for x in by_lr[lr]),
+                                             -np.mean([x["val_acc"] for x in by_lr[lr] if x["status"] == "completed"]
+                                                      or [-1]), lr))
+        report = [s for s in sums if s["algo"] == algo and s["seed"] < 100]
+        assert sorted(s["seed"] for s in report) == [0, 1] and {s["lr"] for s in report} == {rank[0]}
+    assert _json.loads((root / "suite.json").read_text())["tune_seeds"] == [100, 101]
+    res = cli("compare", root, "--tune", "lr", "--format", "csv")
+    assert_ok(res)
+    df = pd.read_csv(io.StringIO(res.stdout), comment="#")
+    assert sorted(df["seeds"]) == [2, 2]  # the report seeds only
+    res = cli("suite", f)
+    assert_ok(res)
+    assert "ran 0" in res.stdout  # both phases finished: nothing to do

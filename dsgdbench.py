@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bench.config import RunConfig
-from bench.errors import UserError
+from bench.errors import RunFailed, UserError
 
 class _Group(typer.core.TyperGroup):
     """Turns a user's mistake into one line on stderr and exit code 2 (a bug keeps its traceback)."""
@@ -32,6 +32,9 @@ class _Group(typer.core.TyperGroup):
         except UserError as e:
             Console(stderr=True).print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except RunFailed as e:  # not the input: a rank died or hung (exit 1, one line)
+            Console(stderr=True).print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
 
 app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from bench.config import RunConfig
-from bench.errors import UserError
+from bench.errors import RunFailed, UserError
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 NEED_TORCHRUN = ("--backend dist needs torchrun's environment (RANK, WORLD_SIZE, ...): launch with "
@@ -411,7 +411,7 @@ def _progress_printer(cfg: RunConfig):
         if step == 1 or step == total or step % max(1, total // 10) == 0:
             acc = f"  test acc {info['test_acc']:.2f}%" if info.get("test_acc") is not None else ""
             print(f"{cfg.algo} {cfg.topology} seed {cfg.seed}: step {step}/{total}  loss {info['loss']:.4f}{acc}",
-                  file=sys.stderr, flush=True)
+                  flush=True)  # stdout: the ranks' stderr goes to their log files (launch)
 
     return show
 
@@ -425,6 +425,22 @@ def _entry(cfg_dicts: list, force: bool, show_progress: bool):
             return [run_distributed(c, _progress_printer(c) if show_progress else None, force) for c in cfgs]
     except UserError as e:
         return {"user_error": str(e)}
+
+
+def describe_failure(e, timeout: float) -> str:
+    """One line for a failed job: the first rank that failed, and how (signal or exit code)."""
+    rank, f = e.get_first_failure()
+    if f.exitcode is not None and f.exitcode < 0:
+        how = f"was killed by {f.signal_name()}"
+    else:
+        how = f"exited with code {f.exitcode}"
+        lines = [ln.strip() for ln in str(getattr(f, "message", "") or "").splitlines() if ln.strip()]
+        if lines and isinstance(f.message, str):
+            how += f" ({lines[-1][:200]})"
+    others = len(e.failures) - 1
+    return (f"rank {rank} {how}; {'the other ranks stopped' if others else 'the job stopped'} (a rank that "
+            f"stops answering fails the others after --dist-timeout {timeout:g} s); the last checkpoint is kept: "
+            f"run the same command again to resume")
 
 
 def launch(cfg, procs: int, force: bool = False, progress: bool = True):
@@ -457,14 +473,30 @@ def launch(cfg, procs: int, force: bool = False, progress: bool = True):
         if torch.cuda.device_count() < procs:
             raise UserError(f"--procs {procs} with --device cuda needs {procs} GPUs; "
                             f"this machine has {torch.cuda.device_count()}")
+    import logging
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+
+    # The ranks' stderr (warnings, the traceback of a rank that fails) goes to log files, so that a failure
+    # is the one line of RunFailed; the launcher's own log records are silenced likewise.
+    log_dir = tempfile.mkdtemp(prefix="dsgdbench-ranks-")
+    for name in ("torch.distributed.elastic", "torch.multiprocessing"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(
+        logs_specs=DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ERR),
         min_nodes=1, max_nodes=1, nproc_per_node=procs,
         rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1",
         rdzv_configs={"timeout": int(max(60, first.dist_timeout))},
         run_id=f"dsgdbench-{uuid.uuid4().hex[:12]}",
         max_restarts=0, monitor_interval=0.2, start_method="spawn", shutdown_timeout=5,
     )
-    outputs = elastic_launch(config, _entry)([c.to_dict() for c in cfgs], force, progress)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        outputs = elastic_launch(config, _entry)([c.to_dict() for c in cfgs], force, progress)
+    except ChildFailedError as e:
+        raise RunFailed(f"{describe_failure(e, first.dist_timeout)} (the ranks' logs: {log_dir})") from None
     errors = [o["user_error"] for o in outputs.values() if isinstance(o, dict) and "user_error" in o]
     if errors:
         raise UserError(errors[0])

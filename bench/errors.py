@@ -10,3 +10,10 @@ class UserError(Exception):
 
     The message is one line that says what was wrong and what would work.
     """
+
+
+class RunFailed(Exception):
+    """A run that could not finish for a reason outside the user's input (a rank died or hung).
+
+    The CLI prints the message as one line and exits with code 1; what was finished is kept.
+    """

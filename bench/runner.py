@@ -81,7 +81,7 @@ def summary_line(s: dict) -> str:
     if s.get("skipped"):
         return f"[dim]skipped (already {s['status']}; --force reruns): {head} -> {s['run_dir']}[/dim]"
     if s["status"] != "completed":
-        step = s.get("diverged_step", s.get("failed_step"))
+        step = s.get(f"{s['status']}_step")
         return f"{head}: [red]{s['status']}[/red] at step {step}  -> {s['run_dir']}"
     eig = f"  top-1 eig {s['top_eig']:.2f}" if s.get("top_eig") is not None else ""
     return (f"{head}: test acc {s['test_acc']:.2f}%  loss {s['test_loss']:.3f}  consensus "

@@ -197,3 +197,22 @@ def test_collapse_is_a_recorded_result(tmp_path):
     assert s2["status"] == "collapsed" and s2["steps_done"] == 100  # the final evaluation decides
     ok = run(cfg.replace(lr=0.1, results=str(tmp_path / "c")))
     assert ok["status"] == "completed"
+
+
+@pytest.mark.parametrize("mode", ["kill", "hang"])
+def test_dead_or_hung_rank_is_one_line(tmp_path, mode):
+    """A rank killed by SIGKILL, or hung, at step 15 of 2 processes: one error line (which rank, how), a non-zero
+    exit, within the timeout; the checkpoint of step 10 stays for the rerun."""
+    plugins = f"{ROOT / 'tests' / 'plugins' / 'signum.py'},{ROOT / 'tests' / 'plugins' / 'crash.py'}"
+    t0 = time.monotonic()
+    p = cli("run", "--algo", "test-crash", "--steps", "40", *RUN, "--procs", "2", "--crash-step", "15",
+            "--crash-mode", mode, "--dist-timeout", "10", "--results", tmp_path, env={"DSGDBENCH_PLUGINS": plugins})
+    out, err = p.communicate(timeout=120)
+    elapsed = time.monotonic() - t0
+    assert p.returncode == 1, err[-2000:]
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: rank "), err[-2000:]
+    assert ("SIGKILL" in lines[0]) if mode == "kill" else ("rank" in lines[0] and "--dist-timeout 10" in lines[0])
+    assert "Traceback" not in err
+    assert elapsed < 60 if mode == "kill" else elapsed < 10 + 50  # startup + the 10 s timeout + teardown
+    assert list(tmp_path.glob("*/checkpoint.r0.pt"))

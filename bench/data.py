@@ -349,13 +349,14 @@ def load_dataset(spec: str, data_dir: Optional[str] = None, download: bool = Fal
 # Shards and batches
 
 
-def make_shards(y: torch.Tensor, n: int, partition: str, seed: int) -> list[np.ndarray]:
+def make_shards(y: torch.Tensor, n: int, partition: str, seed: int, min_size: int = 1) -> list[np.ndarray]:
     """Split training indices among n workers.
 
     iid: a seeded permutation cut into n equal parts (the remainder is dropped, so every
     worker has the same number of samples). dirichlet:ALPHA: for every class, the class's
     samples are split among workers by proportions drawn from Dir(ALPHA) (smaller ALPHA is
-    more skewed; Hsu et al. 2019).
+    more skewed; Hsu et al. 2019); the whole draw is repeated (the generator continues) until
+    every worker holds at least min_size samples (a batch), at most MAX_DRAWS times.
     """
     labels = y.cpu().numpy()
     N = len(labels)
@@ -365,14 +366,21 @@ def make_shards(y: torch.Tensor, n: int, partition: str, seed: int) -> list[np.n
         per = N // n
         return [np.sort(perm[i * per:(i + 1) * per]) for i in range(n)]
     alpha = parse_dirichlet(partition)
-    shards: list[list[int]] = [[] for _ in range(n)]
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        p = rng.dirichlet(alpha * np.ones(n))
-        cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
-        for i, part in enumerate(np.split(idx, cuts)):
-            shards[i].extend(part.tolist())
-    return [np.sort(np.array(s, dtype=np.int64)) for s in shards]
+    for _ in range(MAX_DRAWS):
+        shards: list[list[int]] = [[] for _ in range(n)]
+        for c in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            p = rng.dirichlet(alpha * np.ones(n))
+            cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
+            for i, part in enumerate(np.split(idx, cuts)):
+                shards[i].extend(part.tolist())
+        if min(len(s) for s in shards) >= min_size:
+            return [np.sort(np.array(s, dtype=np.int64)) for s in shards]
+    raise UserError(f"partition {partition!r}: in {MAX_DRAWS} draws some of the {n} workers always got fewer than "
+                    f"{min_size} samples (a batch); use a larger ALPHA, fewer workers or a smaller --batch")
+
+
+MAX_DRAWS = 100
 
 
 def parse_dirichlet(partition: str) -> float:

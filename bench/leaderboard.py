@@ -70,6 +70,7 @@ Exports
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -389,7 +390,11 @@ def tune_runs(df: pd.DataFrame, keys: list[str], tune_seeds=None, where: str = "
                         "edge": ",".join(edge)})
     selected = df.loc[sorted(keep)].copy()
     selected[CANDIDATES] = pd.Series(keep)
-    return selected, pd.DataFrame(choices)
+    out = pd.DataFrame(choices)
+    chosen = set(key_str[tuning].groupby(["_all", *context], sort=False, dropna=False).groups)
+    out.attrs["missing"] = len(set(key_str[~tuning].groupby(["_all", *context], sort=False, dropna=False).groups)
+                               - chosen) if tune_seeds is not None else 0
+    return selected, out
 
 
 def _at_edge(value, candidates) -> bool:
@@ -412,6 +417,9 @@ def tune_warnings(choices: pd.DataFrame, keys: list[str], tune_seeds) -> list[st
         what = ", ".join(f"{k}={_value(r[k])}" for k in r.index if k not in (
             "candidates", "tune_seeds", "reported", "failed", "val_acc_mean", "val_acc_std", "edge"))
         out.append(f"--tune {r['edge']}: the chosen value is at the edge of its grid ({what}); widen the grid")
+    if tune_seeds is not None and "missing" in choices.attrs and choices.attrs["missing"]:
+        out.append(f"{choices.attrs['missing']} configuration(s) have no run on the tuning seeds and are left out "
+                   f"of the table: run them on the tuning seeds too")
     if len(choices) and (choices["reported"] == 0).any():
         out.append("some chosen values have no run on a report seed: run them (dsgdbench suite runs the chosen "
                    "values on the report seeds when the suite has tune_seeds)")
@@ -762,10 +770,11 @@ def render(numeric: pd.DataFrame, display: pd.DataFrame, fmt: str, provenance=()
     notes = display.attrs.get("notes", [])
     if fmt in ("csv", "runs"):
         head = "".join(f"# {p}\n" for p in provenance)
-        return head + (numeric if fmt == "csv" else runs_long(runs, display.attrs.get("labels", []))).to_csv(
-            index=False)
+        table = numeric if fmt == "csv" else runs_long(runs, display.attrs.get("labels", []))
+        # every text quoted: a "#" inside a value (a folder name) then survives read_csv(comment="#")
+        return head + table.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
     if fmt == "md":
-        text = display.to_markdown(index=False) + "\n"
+        text = display.to_markdown(index=False, disable_numparse=True) + "\n"  # the cells as shown, "1.000"
         return text + "".join(f"\n{n}\n" for n in notes) + "".join(f"\n{p}\n" for p in provenance)
     if fmt == "tex":
         return "".join(f"% {p}\n" for p in provenance) + _latex(display, notes)
@@ -776,8 +785,8 @@ def runs_long(df: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
     """One row per run: the group labels, seed, status, every metric, every configuration field."""
     first = [c for c in ("algo", "topology", "workers", "total_batch", "seed", "status", "run_id") if c in df]
     first += [c for c in labels if c in df and c not in first]
-    metrics = [c for c in (*METRICS, "val_acc", "diverged_step", "collapsed_step", "steps_done") if c in df
-               and c not in first]
+    metrics = [c for c in dict.fromkeys((*METRICS, "val_acc", "diverged_step", "collapsed_step", "steps_done"))
+               if c in df and c not in first]
     cfg = sorted(c for c in df if c.startswith("cfg."))
     out = df[first + metrics + cfg].copy()
     return out.sort_values([c for c in ("algo", "topology", "total_batch", "seed") if c in out], kind="stable")
@@ -791,7 +800,8 @@ def provenance(df: pd.DataFrame, command: str) -> list[str]:
     cols = [c for c in ("versions.dsgdbench", "versions.git", "versions.torch") if c in df]
     if cols:
         sets = df[cols].astype(str).value_counts()
-        made = "; ".join(f"{n} at dsgdbench {k[0]} (git {k[1]}), torch {k[2]}" if len(k) == 3 else f"{n} at {k}"
+        made = "; ".join(f"{n} at dsgdbench {k[0]} (git {k[1]}), torch {k[2]}" if len(k) == 3 else
+                         f"{n} at " + ", ".join(f"{c.removeprefix('versions.')} {v}" for c, v in zip(cols, k))
                          for k, n in sets.items())
         lines.append(f"runs: {made}")
     return lines

@@ -203,7 +203,7 @@ class Trainer:
                            dtype=self.workers.dtype, total_steps=cfg.steps, epoch_len=self.epoch_len,
                            warmup=cfg.warmup, lr_at=self.lr, seed=cfg.seed, topology=self.topology)
         self.algo = build_algorithm(cfg.hyper(), ctx)
-        shards = make_shards(data.y_train, n, cfg.partition, cfg.seed)
+        shards = make_shards(data.y_train, n, cfg.partition, cfg.seed, min_size=cfg.batch)
         self.sampler = Sampler(shards, cfg.batch, cfg.seed, device)
         # Fixed subsets (the same for every algorithm and seed of a comparison).
         g = np.random.default_rng(0)
@@ -442,7 +442,7 @@ class Trainer:
             "train_seconds": train_s, "eval_seconds": eval_s,
             "backend": self.comm.backend, "world_size": self.comm.world_size,
             "device": str(self.device), "executor": self.workers.executor,
-            "deterministic": cfg.deterministic, "machine_load": _load_average(),
+            "deterministic": cfg.deterministic, "machine_load": _load_average(), "threads": torch.get_num_threads(),
             "versions": results.versions(),
         }
 

@@ -477,8 +477,9 @@ def plan(suite: Suite, results: Optional[str] = None, seeds: Optional[str] = Non
 
     check_run: the suite is about to run, so the data sets must be readable and the device
     present (a dry run only notes what is missing). A tuned suite (tune, tune_seeds) plans its
-    tuning runs (every grid point on the tuning seeds) and, once they are all finished, its report
-    runs: each configuration's chosen value on the report seeds (choose_tuned states the rule).
+    tuning runs (every grid point on the tuning seeds, without the Hessian) and, once they are all
+    finished, its report runs: each configuration's chosen value on the report seeds (choose_tuned
+    states the rule).
     """
     over = parse_overrides(overrides)
     if data_dir is not None:
@@ -494,8 +495,8 @@ def plan(suite: Suite, results: Optional[str] = None, seeds: Optional[str] = Non
     p = Plan(suite, root, [], force)
     p.replan = lambda: plan(suite, results, seeds, filters, overrides, data_dir, force, check_run, max_runs)
     ctx = {"sizes": {}, "graphs": set(), "seen": set(), "keep": keep, "check_run": check_run}
-    if suite.tune:
-        _add_runs(p, expand(suite, suite.tune_seeds, over, root), "tune", ctx)
+    if suite.tune:  # the tuning runs skip the Hessian: it plays no part in the choice
+        _add_runs(p, [c.replace(hessian=False) for c in expand(suite, suite.tune_seeds, over, root)], "tune", ctx)
         tuning = [r for r in p.runs if r.phase == "tune"]
         if any(r.finished for r in tuning) or not tuning:
             p.choices = choose_tuned(suite, tuning, root)
@@ -503,8 +504,8 @@ def plan(suite: Suite, results: Optional[str] = None, seeds: Optional[str] = Non
             chosen = [c["cfg"] for c in p.choices]
             _add_runs(p, [c.replace(seed=s) for s in seed_list for c in chosen], "report", ctx)
         else:
-            p.pending = per_point // max(1, math.prod(len(suite.grid[k]) for k in suite.tune)) * len(seed_list)
-            p.notes.append(f"the report runs (about {p.pending}: each configuration's chosen "
+            p.pending = len({_config_key(suite, r) for r in tuning}) * len(seed_list)
+            p.notes.append(f"the report runs ({p.pending}: each configuration's chosen "
                            f"{', '.join(suite.tune)} on seeds {_seed_text(seed_list)}) are planned once the "
                            f"{len(tuning)} tuning runs (seeds {_seed_text(suite.tune_seeds)}) are finished")
     else:
@@ -564,9 +565,7 @@ def choose_tuned(suite: Suite, tuning: list[PlannedRun], root: str) -> list[dict
 
     groups: dict = {}
     for r in tuning:
-        ident = r.resolved.identity(with_seed=False)
-        key = json.dumps({k: v for k, v in ident.items() if k not in suite.tune
-                          and k.rpartition(".")[2] not in suite.tune}, sort_keys=True, default=str)
+        key = _config_key(suite, r)
         value = tuple(_tuned_value(r.cfg, k) for k in suite.tune)
         groups.setdefault(key, {}).setdefault(value, []).append(r)
     out = []
@@ -590,6 +589,13 @@ def choose_tuned(suite: Suite, tuning: list[PlannedRun], root: str) -> list[dict
             out.append({"cfg": runs[0].cfg, "values": dict(zip(suite.tune, value)), "candidates": len(ranking),
                         "val_acc": ranking[0][0].val_acc, "edge": edge})
     return out
+
+
+def _config_key(suite: Suite, r: PlannedRun) -> str:
+    """A tuning run's configuration: its identity without the seed and the tuned keys."""
+    ident = r.resolved.identity(with_seed=False)
+    return json.dumps({k: v for k, v in ident.items() if k not in suite.tune and k.rpartition(".")[2] not in suite.tune},
+                      sort_keys=True, default=str)
 
 
 def _tuned_value(cfg: RunConfig, key: str):

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as sps
+from statsmodels.stats.proportion import proportion_confint
 from typer.testing import CliRunner
 
 from bench import leaderboard as lb
@@ -85,6 +87,18 @@ def assert_ok(res):
     assert res.exit_code == 0, f"exit {res.exit_code}\n{res.output}\n{res.exc_info}"
 
 
+def read_csv_export(text: str) -> pd.DataFrame:
+    """A CSV export parsed back: its provenance lines are "# " comments before the header."""
+    assert text.startswith("# made by `dsgdbench compare"), text[:200]
+    return pd.read_csv(io.StringIO(text), comment="#")
+
+
+def status_text(k: int, n: int, what: str) -> str:
+    """The status of a group with k failed runs of n, from statsmodels' Clopper-Pearson interval."""
+    lo, hi = proportion_confint(k, n, alpha=0.05, method="beta")
+    return f"{k}/{n} failed ({what}; {100 * lo:.0f}–{100 * hi:.0f}%)"
+
+
 def assert_user_error(res, *needles):
     assert res.exit_code == 2, f"exit {res.exit_code}\n{res.output}"
     assert "Traceback" not in res.output
@@ -132,7 +146,11 @@ def test_leaderboard_ci_columns_and_diverged(tmp_path):
     assert num["test_loss_ci95"] == pytest.approx(ci / 100, rel=1e-6)
     assert disp["test acc (%)"] == "83.00 ± 3.61"
     assert disp["95% CI"] == "[74.04, 91.96]" == f"[{83 - ci:.2f}, {83 + ci:.2f}]"
-    assert disp["status"] == "1/4 diverged" and disp["seeds"] == "4"
+    # failures are counted, with the exact (Clopper-Pearson) interval of the rate
+    assert disp["status"] == status_text(1, 4, "1 diverged") == "1/4 failed (1 diverged; 1–81%)"
+    assert disp["seeds"] == "4" and num["failed"] == 1 and num["collapsed"] == 0
+    assert num["failure_rate"] == pytest.approx(0.25)
+    assert (num["failure_lo"], num["failure_hi"]) == pytest.approx(proportion_confint(1, 4, method="beta"))
     num, disp = row(numeric, display, algo="sam")
     assert num["test_acc_n"] == 1 and math.isnan(num["test_acc_ci95"])
     assert disp["test acc (%)"] == "75.00" and disp["95% CI"] == "—" and disp["status"] == "ok"
@@ -141,14 +159,17 @@ def test_leaderboard_ci_columns_and_diverged(tmp_path):
 def test_default_columns(tmp_path):
     for seed in range(2):
         write_run(tmp_path, "dsgd", seed, 80.0 + seed, top_eig=10.0 + seed, consensus_distance=0.1, train_loss=0.3,
-                  grad_evals_per_step=2, bytes_per_step=2.5e6)
+                  train_acc=95.0 + 2 * seed, adaptive_top_eig=0.5, grad_evals_per_step=2, bytes_per_step=2.5e6)
     numeric, display = lb.leaderboard(frame(tmp_path))
+    # train loss, train accuracy and adaptive sharpness are default columns now
     assert list(display.columns) == ["algo", "topology", "workers", "total_batch", "seeds", "test acc (%)", "95% CI",
-                                     "test loss", "top-1 eigenvalue", "computation", "bytes/step", "train time (s)",
-                                     "status"]
+                                     "test loss", "train loss", "train acc (%)", "top-1 eigenvalue",
+                                     "adaptive sharpness", "computation", "bytes/step", "train time (s)", "status"]
     assert display.iloc[0]["computation"] == "2x" and display.iloc[0]["bytes/step"] == "2.5 MB"
     assert display.iloc[0]["top-1 eigenvalue"] == "10.50 ± 0.71"
-    assert "consensus_distance_mean" not in numeric and "train_loss_mean" not in numeric
+    assert display.iloc[0]["train acc (%)"] == "96.00 ± 1.41" and display.iloc[0]["adaptive sharpness"] == "0.5 ± 0"
+    assert "consensus_distance_mean" not in numeric
+    assert numeric.iloc[0]["train_loss_mean"] == pytest.approx(0.3) and numeric.iloc[0]["train_acc_n"] == 2
     numeric, display = lb.leaderboard(frame(tmp_path), metrics=("consensus_distance", "train_loss", "val_acc"))
     assert "consensus dist." in display and "train loss" in display and "val acc (%)" not in display  # no val_acc
     assert numeric.iloc[0]["train_loss_n"] == 2
@@ -182,7 +203,12 @@ def test_paired_differences_hand_values(tmp_path):
     assert d["delta_test_acc_std"] == pytest.approx(math.sqrt(1 / 12))
     assert d["delta_test_acc_ci95"] == pytest.approx(T2 / 6, rel=1e-6)
     assert d["delta_test_loss_mean"] == pytest.approx(-5 / 600)
-    assert dd["Δ test acc vs csgd"] == "+0.83 ± 0.72 (3) *"  # 0.833 > 0.717: the CI excludes 0
+    # the CI excludes 0 (0.833 > 0.717) and the raw p is 0.038, but Holm over the two comparisons of the table
+    # (dsgd, sam) gives 0.075: no "*", which now means p (Holm) < 0.05
+    p_dsgd = sps.ttest_1samp([1.0, 1.0, 0.5], 0.0).pvalue
+    assert d["delta_test_acc_p"] == pytest.approx(p_dsgd) and p_dsgd < 0.05
+    assert d["delta_test_acc_p_holm"] == pytest.approx(min(1.0, 2 * p_dsgd)) and d["delta_test_acc_p_holm"] > 0.05
+    assert dd["Δ test acc vs csgd"] == "+0.83 ± 0.72 (3)" and dd["p (Holm)"] == f"{2 * p_dsgd:.3f}"
     assert not d["is_baseline"]
     s, sd = row(numeric, display, algo="sam")
     assert s["delta_test_acc_mean"] == pytest.approx(0.0) and s["delta_test_acc_n"] == 2
@@ -271,7 +297,8 @@ def test_tune_picks_best_validation_value(tmp_path):
     assert (selected[lb.CANDIDATES] == [3 if a == "dsgd" else 2 for a in selected["algo"]]).all()
     ch = choices.set_index("algo")
     assert ch.loc["dsgd", "lr"] == 0.2 and ch.loc["dsgd", "candidates"] == 3
-    assert ch.loc["dsgd", "val_acc_mean"] == pytest.approx(85.0) and ch.loc["dsgd", "seeds"] == 3
+    assert ch.loc["dsgd", "val_acc_mean"] == pytest.approx(85.0) and ch.loc["dsgd", "tune_seeds"] == 3
+    assert ch.loc["dsgd", "reported"] == 3 and ch.loc["dsgd", "failed"] == 0
     assert ch.loc["csgd", "lr"] == 0.1 and ch.loc["csgd", "candidates"] == 2
     # the table reports the winners' test accuracy, not the best test accuracy
     numeric, display = lb.leaderboard(selected, metrics=("test_acc",), tuned=["lr"], baseline="csgd")
@@ -293,7 +320,7 @@ def test_tune_diverged_seed_ranks_below_completed(tmp_path):
         write_run(tmp_path, "dsgd", seed, None, lr=0.8, status="diverged")
     selected, choices = lb.tune_runs(frame(tmp_path), ["lr"])
     assert set(selected["cfg.lr"]) == {0.1} and choices.iloc[0]["candidates"] == 3
-    assert choices.iloc[0]["diverged"] == 0
+    assert choices.iloc[0]["failed"] == 0
 
 
 def test_tune_errors(tmp_path):
@@ -387,8 +414,9 @@ def test_export_markdown(tmp_path):
     for cells, (_, r) in zip(body, display.iterrows()):
         assert cells == [str(v) for v in r]
     dsgd = body[[c[0] for c in body].index("dsgd")]
-    assert dsgd[header.index("Δ test acc vs csgd")] == "+0.83 ± 0.72 (3) *"
-    assert "paired difference" in text.splitlines()[-1]
+    assert dsgd[header.index("Δ test acc vs csgd")] == "+0.83 ± 0.72 (3)"  # p (Holm) = 0.075: no "*"
+    notes = text.splitlines()[len(display) + 2:]  # under the table: the paired-test note, then the failures note
+    assert any(ln.startswith("Δ: paired difference") for ln in notes) and notes[-1].startswith("failed runs")
 
 
 def test_export_latex(tmp_path):
@@ -403,7 +431,7 @@ def test_export_latex(tmp_path):
     body = [[c.strip() for c in ln.removesuffix(r"\\").split(" & ")] for ln in lines[mid + 1:bottom]]
     assert len(body) == len(display) and all(len(r) == len(header) for r in body)
     dsgd = body[[r[0] for r in body].index("dsgd")]
-    assert dsgd[header.index("$\\Delta$ test acc vs csgd")] == "+0.83 $\\pm$ 0.72 (3) *"
+    assert dsgd[header.index("$\\Delta$ test acc vs csgd")] == "+0.83 $\\pm$ 0.72 (3)"  # p (Holm) = 0.075: no "*"
     ci = display.loc[display["algo"] == "dsgd", "95% CI"].iloc[0]
     assert dsgd[header.index("95\\% CI")] == ci
     assert lb.tex_escape("a_b 5% & #1 ± —") == r"a\_b 5\% \& \#1 $\pm$ --"
@@ -427,12 +455,13 @@ def test_cli_compare_baseline(tmp_path):
     root = _paired_folder(tmp_path / "res")
     res = cli("compare", root, "--baseline", "csgd", "--format", "csv")
     assert_ok(res)
-    df = pd.read_csv(io.StringIO(res.stdout))
+    df = read_csv_export(res.stdout)
     d = df[df["algo"] == "dsgd"].iloc[0]
     assert d["delta_test_acc_mean"] == pytest.approx(5 / 6) and d["delta_test_acc_n"] == 3
     res = cli("compare", root, "--baseline", "csgd")
     assert_ok(res)
-    assert "baseline" in res.stdout and "+0.83 ± 0.72 (3) *" in res.stdout and "paired difference" in res.stdout
+    assert "baseline" in res.stdout and "+0.83 ± 0.72 (3)" in res.stdout and "paired difference" in res.stdout
+    assert "+0.83 ± 0.72 (3) *" not in res.stdout  # p (Holm) = 0.075
     assert_user_error(cli("compare", root, "--baseline", "nosuch"), "--baseline", "nosuch", "csgd, dsgd, sam")
 
 
@@ -442,9 +471,14 @@ def test_cli_compare_out_tex_and_bad_extension(tmp_path):
     assert_ok(cli("compare", root, "--baseline", "csgd", "--out", tex))
     text = tex.read_text()
     assert r"\toprule" in text and r"\bottomrule" in text and "$\\pm$" in text
+    assert text.startswith("% made by `dsgdbench compare")
     res = cli("compare", root, "--format", "tex")
     assert_ok(res)
-    assert res.stdout.startswith(r"\begin{tabular}")
+    # the provenance lines come first, as LaTeX comments; then the table
+    lines = res.stdout.splitlines()
+    first = next(i for i, ln in enumerate(lines) if not ln.startswith("% "))
+    assert first >= 1 and lines[0].startswith("% made by `dsgdbench compare")
+    assert lines[first].startswith(r"\begin{tabular}")
     bad = tmp_path / "board.xlsx"
     assert_user_error(cli("compare", root, "--out", bad), "--out", ".xlsx", ".tex")
     assert not bad.exists() and tex.read_text() == text
@@ -463,7 +497,8 @@ def test_cli_compare_tune_and_target(tmp_path):
     assert body["dsgd"][header.index("steps to 80%")] == "100"
     res = cli("compare", root, "--tune", "lr")
     assert_ok(res)
-    assert "15 runs" in res.stdout and "6 kept by --tune lr" in res.stdout
+    assert "15 runs" in res.stdout and "6 reported by --tune lr" in res.stdout
+    assert "chose on the same seeds it reports" in res.stderr  # no --tune-seeds
     plain = tmp_path / "plain"
     for seed in range(2):
         write_run(plain, "dsgd", seed, 80.0, lr=0.1)
@@ -484,7 +519,7 @@ def test_real_runs_baseline_and_target(tmp_path):
     res = cli("compare", root, "--baseline", "csgd", "--target-acc", target, "--columns", "test_acc,val_acc",
               "--format", "csv")
     assert_ok(res)
-    df = pd.read_csv(io.StringIO(res.stdout)).set_index("algo")
+    df = read_csv_export(res.stdout).set_index("algo")
     diffs = [summaries[("dsgd", s)]["test_acc"] - summaries[("csgd", s)]["test_acc"] for s in (0, 1)]
     assert df.loc["dsgd", "delta_test_acc_mean"] == pytest.approx(np.mean(diffs))
     assert df.loc["dsgd", "delta_test_acc_ci95"] == pytest.approx(12.706205 * np.std(diffs, ddof=1) / math.sqrt(2),

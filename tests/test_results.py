@@ -226,7 +226,11 @@ def test_leaderboard_mean_std_and_diverged():
     dc, dd = display.iloc[0], display.iloc[1]
     assert dc["test acc (%)"] == "90.50 ± 0.71" and dc["test loss"] == "0.225 ± 0.035"
     assert dd["test acc (%)"] == "83.00 ± 3.61" and dd["test loss"] == "0.400 ± 0.100"
-    assert dc["status"] == "1/3 diverged" and dd["status"] == "ok"
+    # 1 failure in 3 runs, with the 95% Clopper-Pearson interval [0.0084, 0.9057] of the rate
+    assert dc["status"] == "1/3 failed (1 diverged; 1–91%)" and dd["status"] == "ok"
+    assert c["failed"] == 1 and c["failure_rate"] == pytest.approx(1 / 3)
+    assert (c["failure_lo"], c["failure_hi"]) == pytest.approx((0.0084038, 0.9057007), abs=1e-6)
+    assert d["failed"] == 0 and d["failure_lo"] == 0.0 and d["failure_hi"] == pytest.approx(0.7075982, abs=1e-6)
     assert dc["seeds"] == "3"
 
 
@@ -240,7 +244,9 @@ def test_leaderboard_single_seed_and_all_diverged():
     assert display.iloc[0]["test acc (%)"] == "70.00"  # one seed: no ±
     assert math.isnan(numeric.iloc[0]["test_acc_std"])
     assert display.iloc[1]["test acc (%)"] == "—" and math.isnan(numeric.iloc[1]["test_acc_mean"])
-    assert display.iloc[1]["status"] == "1/1 diverged"
+    # 1 of 1 failed: the Clopper-Pearson interval of the rate is [0.025, 1] (the lower end solves p^1 = 0.025)
+    assert display.iloc[1]["status"] == "1/1 failed (1 diverged; 3–100%)"
+    assert numeric.iloc[1]["failure_lo"] == pytest.approx(0.025) and numeric.iloc[1]["failure_hi"] == 1.0
 
 
 def test_leaderboard_by_algo_and_unknown_key():
@@ -273,7 +279,10 @@ def test_render_and_format_from_path():
     back = pd.read_csv(io.StringIO(csv))
     assert back["test_acc_mean"].tolist() == pytest.approx([90.5, 83.0])
     md = lb.render(numeric, display, "md")
-    assert "90.50 ± 0.71" in md and md.count("\n") == 4
+    table = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert "90.50 ± 0.71" in md and len(table) == 4  # header, rule, two groups
+    # a group has a failed run: the table is followed by the note that explains the status
+    assert md.splitlines()[:4] == table and md.strip().splitlines()[-1].startswith("failed runs (diverged")
     assert lb.format_from_path("x/board.csv") == "csv"
     assert lb.format_from_path("board.MD") == "md"
     assert lb.format_from_path("board.markdown") == "md"

@@ -142,19 +142,21 @@ def test_quick_suite_contents():
 
 
 def test_large_batch_suite_contents():
+    """Tuning runs: every (algo, topology, batch, lr) on seeds 100-101 (C-SGD's topologies are one run),
+    no Hessian; the report runs come once they are finished."""
     p = planned("large-batch")
     by = {}
     for r in p.runs:
         by.setdefault((r.cfg.algo, r.resolved.topology), []).append(r)
-    assert sorted(by) == [("csgd", "allreduce"), ("dsgd", "exponential"), ("dsgd", "ring"), ("dsgd", "torus")]
-    assert all(len(v) == 2 * 5 * 3 for v in by.values())  # 2 batches x 5 lrs x 3 seeds
-    assert p.merged == 2 * 2 * 5 * 3  # csgd on torus and exponential: the ring's runs
+    assert sorted(by) == [("csgd", "allreduce"), ("dsgd", "exponential"), ("dsgd", "ring")]
+    assert all(len(v) == 2 * 5 * 2 for v in by.values())  # 2 batches x 5 lrs x 2 tuning seeds
+    assert p.merged == 2 * 5 * 2  # csgd on the exponential graph: the ring's runs
     for r in p.runs:
         c = r.resolved
-        assert c.steps == 300 and c.hessian and c.val_fraction == 0.1 and c.warmup > 0
-        assert c.lr == pytest.approx(r.cfg.lr * c.total_batch / 512)  # linear scaling, ref_batch 512
+        assert r.phase == "tune" and c.seed in (100, 101) and not c.hessian
+        assert c.steps == 600 and c.val_fraction == 0.1 and c.warmup == 40 and c.dataset == "mnist1d:60000"
     assert {r.cfg.batch for r in p.runs} == {8, 128}
-    assert {r.cfg.lr for r in p.runs} == {0.025, 0.05, 0.1, 0.2, 0.4}
+    assert p.pending == 3 * 2 * 10  # 3 configurations x 2 batches x 10 report seeds
 
 
 def test_cifar_suites_contents(wrn, tmp_path):
@@ -175,8 +177,8 @@ def test_cifar_suites_contents(wrn, tmp_path):
         for key, want in (("sgd.wd_1d", False), ("gossip-ac.p", 3.0), ("gossip-ac.ac_start", "10ep"),
                           ("sam.rho", 0.05)):
             assert values.get(key, want) == want  # where the run has that component
-        assert c.warmup == 10 * (50000 // (16 * 128))
-        assert c.steps == 200 * (50000 // (16 * 128))
+        assert c.warmup == round(10 * 50000 / (16 * 128))  # an epoch is N / B steps
+        assert c.steps == round(200 * 50000 / (16 * 128))
         assert c.topology == ("ring" if c.algo in DECENTRALIZED else "allreduce")
 
 

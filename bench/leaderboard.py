@@ -82,7 +82,7 @@ from scipy import stats
 
 from bench import results
 from bench import stats as stats_
-from bench.config import ALGORITHM, EXECUTION, RunConfig
+from bench.config import ALGORITHM, EVALUATION, EXECUTION, RunConfig
 from bench.errors import UserError
 from bench.registry import unknown_name
 from bench.stats import clip_interval, clopper_pearson, describe, holm, paired_t_test, seeds_for_power, t_interval
@@ -123,8 +123,12 @@ FORMATS = ("table", "csv", "md", "tex", "runs")
 EXTENSIONS = {".csv": "csv", ".md": "md", ".markdown": "md", ".tex": "tex"}
 
 # Config fields that never split a group: the seed, where and how a run was executed (the
-# execution role of RunConfig), epochs (the resolved steps is what counts) and bookkeeping.
-GROUP_SKIP = tuple(f.name for f in RunConfig.core(EXECUTION)) + ("seed", "epochs", "format", "resolved")
+# execution role of RunConfig), what is measured at its end (evaluation role), epochs (the
+# resolved steps is what counts) and bookkeeping.
+GROUP_SKIP = (tuple(f.name for f in RunConfig.core(EXECUTION))
+              # what is measured, not what is trained (a tuned suite's tuning runs skip the Hessian)
+              + tuple(f.name for f in RunConfig.core(EVALUATION) if f.name != "stop_on_collapse")
+              + ("seed", "epochs", "format", "resolved"))
 
 
 def is_algorithm_key(key: str) -> bool:

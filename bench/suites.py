@@ -501,8 +501,9 @@ def plan(suite: Suite, results: Optional[str] = None, seeds: Optional[str] = Non
         if any(r.finished for r in tuning) or not tuning:
             p.choices = choose_tuned(suite, tuning, root)
         if tuning and all(r.finished for r in tuning):
-            chosen = [c["cfg"] for c in p.choices]
-            _add_runs(p, [c.replace(seed=s) for s in seed_list for c in chosen], "report", ctx)
+            chosen = [c["cfg"] for c in p.choices]  # a tuning run's configuration: its Hessian setting back
+            _add_runs(p, [c.replace(seed=s, hessian=_written(suite, c.algo, "hessian", over))
+                          for s in seed_list for c in chosen], "report", ctx)
         else:
             p.pending = len({_config_key(suite, r) for r in tuning}) * len(seed_list)
             p.notes.append(f"the report runs ({p.pending}: each configuration's chosen "
@@ -589,6 +590,12 @@ def choose_tuned(suite: Suite, tuning: list[PlannedRun], root: str) -> list[dict
             out.append({"cfg": runs[0].cfg, "values": dict(zip(suite.tune, value)), "candidates": len(ranking),
                         "val_acc": ranking[0][0].val_acc, "edge": edge})
     return out
+
+
+def _written(suite: Suite, algo: str, key: str, overrides: dict):
+    """A field's value as the suite writes it for an algorithm's runs (grid keys excluded)."""
+    d = {**suite.base, **suite.per_algo.get(algo, {}), **overrides}
+    return d.get(key, getattr(RunConfig(), key))
 
 
 def _config_key(suite: Suite, r: PlannedRun) -> str:
@@ -705,7 +712,7 @@ def listing() -> list[tuple[str, str]]:
         try:
             s = load_suite(name)
             p = plan(s, check_run=False)
-            n = f"{len(p.runs)} + about {p.pending} runs" if p.pending else f"{len(p.runs)} runs"
+            n = f"{len(p.runs)} tuning + {p.pending} report runs" if p.pending else f"{len(p.runs)} runs"
             rows.append((name, f"{s.description}  ({n})"))
         except UserError as e:
             rows.append((name, f"invalid: {e}"))

@@ -508,6 +508,8 @@ def speed(
     warmup: int = typer.Option(3, help="Untimed steps of every variant before timing."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile every variant (executor tables)."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Also write the tables to FILE (.json or .md)."),
+    scale: bool = typer.Option(False, "--scale", help="cpu: how the cost grows with n (16 to 4096 workers, local "
+                                                      "batch 8): step vs single model, per sample, mixing alone."),
 ):
     """Steps per second: simulated D-SGD per executor vs a plain single-model SGD step at the same total batch.
 
@@ -539,7 +541,17 @@ def speed(
         raise UserError(f"--workers must be >= 1 (got {workers})")
     exs = names(executors, "executors", ("loop", "vmap", "native"))
     log = lambda m: err.print(f"[dim]{m}[/dim]")  # noqa: E731
-    if device == "cpu" and models is None and batches is None:
+    load = sp.machine_load()
+    if load is not None and load > sp.BUSY:
+        err.print(f"[yellow]warning:[/yellow] the machine is busy (load {load:.2f} per core): timings and their "
+                  f"ratios are unreliable; rerun when it is quiet")
+    if scale:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        tables = sp.scale_report(repeats=repeats or 5, log=log)
+    elif device == "cpu" and models is None and batches is None:
         tables = sp.cpu_report(workers, repeats or 50, threads, log, exs)
     else:
         if threads:
@@ -557,13 +569,17 @@ def speed(
                                names(layouts, "layouts", ("nchw", "nhwc")), workers, repeats or 10, warmup, exs,
                                compile, device, log)
 
+    end = sp.machine_load()
+    if end is not None and load is not None:
+        tables = {f"{t} [load/core {load:.2f} before, {end:.2f} after]": rows for t, rows in tables.items()}
     cell = sp.cell
     for title, rows in tables.items():
         if not rows:
             continue
         cols = list(rows[0])
         if "step" in cols:  # an executor table: what every row shares is in the title
-            cols = ["step", "ms", "steps/s", "vs single", "vs loop"] + (["note"] if any(r["note"] for r in rows) else [])
+            cols = ["step", "ms", "min-max ms", "steps/s", "vs single", "vs loop"] + (
+                ["note"] if any(r["note"] for r in rows) else [])
         t = Table(title=title)
         for c in cols:
             t.add_column(c, justify="left" if c in ("model", "step", "run", "note", "executor") else "right")

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from bench.config import RunConfig
+from bench.comm import allreduce_bytes, messages
 from bench.errors import RunFailed, UserError
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -124,7 +125,9 @@ class DistComm:
         self.topology = topology
         self.device = torch.device(device)
         self._plans: dict[int, _Plan] = {}
-        self.bytes_sent = 0.0  # by allreduce_mean and mix (the algorithm's communication)
+        self.bytes_sent = 0.0  # by allreduce_mean and mix (the algorithm's communication), this process
+        self.logical_bytes = 0.0  # the local workers' messages as if each worker were its own process
+        self._counts: dict = {}
         self.comm_calls = 0
         if topology is not None:
             if topology.n != n:
@@ -203,6 +206,7 @@ class DistComm:
         return s
 
     def allreduce_mean(self, G: torch.Tensor) -> torch.Tensor:
+        self.logical_bytes += self.m * allreduce_bytes(G[0].numel() * G.element_size(), self.n)
         g = self._global_sum(G).div_(self.n)
         self.bytes_sent += _ring_allreduce_bytes(g.numel(), g.element_size(), self.world_size)
         self.comm_calls += 1
@@ -212,6 +216,7 @@ class DistComm:
         p = self._plans[t % self.topology.period]
         self.comm_calls += 1
         d, es = X.shape[1], X.element_size()
+        self.logical_bytes += self._messages(t) * d * es
         if p.kind == "mean":
             g = self._global_sum(X).div_(self.n)
             self.bytes_sent += _ring_allreduce_bytes(g.numel(), es, self.world_size)
@@ -246,6 +251,7 @@ class DistComm:
         p = self._plans[t % self.topology.period]
         self.comm_calls += 1
         names = sorted(payload)
+        self.logical_bytes += self._messages(t) * sum(v[0].numel() * v.element_size() for v in payload.values())
         if p.kind in ("mean", "gather"):
             full = {}
             for k in names:
@@ -295,16 +301,22 @@ class DistComm:
         return out
 
     # ------------------------------------------------------------------ cost
-    def bytes_sent_per_worker_step(self, steps: Optional[int] = None) -> float:
-        """Bytes this rank sent for allreduce_mean and mix, per step and per local worker.
+    def _messages(self, t: int) -> int:
+        """Messages the local rows of W(t) receive (as the simulator counts them)."""
+        return messages(self.topology, self._counts, t, self.workers)
 
-        Point-to-point rows are counted exactly (rows x d x element size); collectives
-        by the ring algorithm's volume: 2 (P-1)/P of the buffer for an all-reduce,
-        (P-1) blocks for an all_gather. steps defaults to the number of communicating
-        calls (one per step for every rule, except DSGD-AC steps with gamma = 0).
-        """
+    def bytes_sent_per_worker_step(self, steps: Optional[int] = None) -> float:
+        """Bytes of the local workers' messages per worker and step, as if every worker were its own
+        process: the unit of the prediction bytes_per_step, equal to it for every rule."""
         steps = self.comm_calls if steps is None else steps
-        return self.bytes_sent / (steps * self.m) if steps else 0.0
+        return self.logical_bytes / (steps * self.m) if steps else 0.0
+
+    def bytes_sent_per_process_step(self, steps: Optional[int] = None) -> float:
+        """What this process sent per step: point-to-point rows counted exactly (rows x d x element
+        size, only the rows another process needs), collectives by the ring algorithm's volume: 2 (P-1)/P
+        of the buffer for an all-reduce, (P-1) blocks for an all_gather."""
+        steps = self.comm_calls if steps is None else steps
+        return self.bytes_sent / steps if steps else 0.0
 
 
 # ---------------------------------------------------------------------- process setup

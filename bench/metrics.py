@@ -62,12 +62,22 @@ def consensus_distance(X: torch.Tensor, xbar: torch.Tensor, comm) -> float:
     return comm.sum(local).item() / comm.n
 
 
+_FLOPS: dict = {}
+
+
 def flops_per_grad(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """FLOPs of one forward + backward of one worker on one local batch (torch's flop counter)."""
+    """FLOPs of one forward + backward of one worker on one local batch (torch's flop counter).
+
+    Counted once per process for each (model class, parameter shapes, input shape and dtype): the
+    runs of a suite share it (the counter's first use costs about a second)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    key = (type(module).__name__, tuple(tuple(p.shape) for p in module.parameters()), tuple(x.shape), x.dtype)
+    if key in _FLOPS:
+        return _FLOPS[key]
     module.train()
     with FlopCounterMode(display=False) as fc:
         F.cross_entropy(module(model_input(module, x)), y).backward()
     module.zero_grad(set_to_none=True)
-    return int(fc.get_total_flops())
+    _FLOPS[key] = int(fc.get_total_flops())
+    return _FLOPS[key]

@@ -52,7 +52,7 @@ from bench.errors import UserError
 from bench.models import build_model, load_init
 from bench.schedule import lr_at
 from bench.spec import BuildContext
-from bench.workers import Workers
+from bench.workers import Workers, keep_freed_memory
 
 Progress = Callable[[int, int, dict], None]
 CHECKPOINT_SECONDS = 300.0  # a checkpoint after at most this much training time (and every checkpoint_every steps)
@@ -186,6 +186,7 @@ class TrainState:
 class Trainer:
     def __init__(self, cfg: RunConfig, data, device, run_dir: Path, comm=None):
         self.cfg, self.data, self.device, self.run_dir = cfg, data, device, run_dir
+        keep_freed_memory()  # the step's [n, d] buffers are reused, not mapped afresh (bench/workers.py)
         n = cfg.workers
         self.topology = cfg.build_topology()
         self.comm = comm or SimulatedComm(n, self.topology, device)
@@ -281,7 +282,8 @@ class Trainer:
             "X": self.workers.X, "buffers": self.workers.buffers, "algorithm": self.algo.state_dict(),
             "state": asdict(st), "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
-            "comm": {k: getattr(self.comm, k) for k in ("bytes_sent", "comm_calls") if hasattr(self.comm, k)},
+            "comm": {k: getattr(self.comm, k) for k in ("bytes_sent", "logical_bytes", "comm_calls")
+                     if hasattr(self.comm, k)},
         })
 
     def _load(self, path: Path) -> Optional[dict]:
@@ -421,7 +423,7 @@ class Trainer:
     def summary(self, status, failed_step, last, train_s, eval_s, flops, steps_done) -> dict:
         cfg = self.cfg
         props = self.topology.properties() if self.topology is not None else None
-        sent = getattr(self.comm, "bytes_sent_per_worker_step", None)  # measured by the dist backend
+        per_process = getattr(self.comm, "bytes_sent_per_process_step", None)  # the dist backend's own traffic
         return {
             "run_id": cfg.run_id(), "config_id": cfg.config_id(),
             "algo": cfg.algo, "grad": cfg.grad, "opt": cfg.opt, "comm": cfg.comm,
@@ -438,7 +440,8 @@ class Trainer:
             "grad_evals_per_step": self.algo.oracle.grad_evals,
             "flops_per_step": flops,
             "bytes_per_step": self.bytes_per_step,
-            "bytes_sent_per_worker_step": sent(steps_done) if sent else None,
+            "bytes_sent_per_worker_step": self.comm.bytes_sent_per_worker_step(steps_done),
+            "bytes_sent_per_process_step": per_process(steps_done) if per_process else None,
             "train_seconds": train_s, "eval_seconds": eval_s,
             "backend": self.comm.backend, "world_size": self.comm.world_size,
             "device": str(self.device), "executor": self.workers.executor,

@@ -157,9 +157,22 @@ def interleaved(fns: dict[str, Callable], dev: torch.device, repeats: int, warmu
     for _ in range(repeats):
         for k, f in live.items():
             times[k].append(_time(f, dev))
-    out = {k: {"s": statistics.median(v), "error": None} for k, v in times.items()}
-    out.update({k: {"s": None, "error": e} for k, e in errors.items()})
+    out = {k: {"s": statistics.median(v), "min": min(v), "max": max(v), "error": None} for k, v in times.items()}
+    out.update({k: {"s": None, "min": None, "max": None, "error": e} for k, e in errors.items()})
     return out
+
+
+def machine_load() -> Optional[float]:
+    """The 1-minute load average per core (above ~1 other work is competing for the cores)."""
+    try:
+        import os
+
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:
+        return None
+
+
+BUSY = 0.5  # load per core above which timings are flagged (a quiet machine is ~0 before timing starts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,7 +189,11 @@ def measure(model: str, input_shape: tuple, n: int, B: int, device: str, repeats
     res = interleaved({"plain": plain_step(model, input_shape, x, y), "simulated": sim}, dev, repeats, warmup=5)
     ta, tb = res["plain"]["s"], res["simulated"]["s"]
     return {"model": model, "input": "x".join(map(str, input_shape)), "workers": n, "local batch": B,
-            "executor": sim.workers.executor, "single ms": ta * 1e3, "simulated ms": tb * 1e3, "ratio": tb / ta}
+            "executor": sim.workers.executor, "single ms": ta * 1e3,
+            "single min-max": f"{res['plain']['min'] * 1e3:.2f}-{res['plain']['max'] * 1e3:.2f}",
+            "simulated ms": tb * 1e3,
+            "simulated min-max": f"{res['simulated']['min'] * 1e3:.2f}-{res['simulated']['max'] * 1e3:.2f}",
+            "ratio": tb / ta}
 
 
 def executor_table(model: str, input_shape: tuple, n: int, B: int, device: str, repeats: int,
@@ -212,10 +229,21 @@ def executor_table(model: str, input_shape: tuple, n: int, B: int, device: str, 
             what = f"D-SGD {w.executor}" + (f" ({w.chunk} workers/call)" if w.chunk and w.chunk < n else "")
         rows.append({"model": model, "input": "x".join(map(str, input_shape)), "workers": n, "local batch": B,
                      "precision": precision, "layout": layout, "step": what,
-                     "ms": s * 1e3 if s else None, "steps/s": 1.0 / s if s else None,
+                     "ms": s * 1e3 if s else None,
+                     "min-max ms": f"{r['min'] * 1e3:.2f}-{r['max'] * 1e3:.2f}" if s else None,
+                     "steps/s": 1.0 / s if s else None,
                      "vs single": s / single if s and single else None,
                      "vs loop": loop / s if s and loop and name != "single" else None,
                      "note": r["error"] or ""})
+    timed = {name: res[name]["s"] for name in fns if name != "single" and res[name]["s"]}
+    if timed:
+        from bench.workers import auto_executor
+
+        auto = auto_executor(build_model(model, input_shape, K), dev)
+        best = min(timed, key=timed.get)
+        if auto in timed and best != auto and timed[auto] > 1.1 * timed[best]:
+            log(f"note: auto picks {auto} for {model} on {dev.type}, but {best} was {timed[auto] / timed[best]:.2f}x "
+                f"faster here (bench/workers.py AUTO_EXECUTOR)")
     del fns
     _free(dev)
     return rows
@@ -240,6 +268,45 @@ def cpu_report(n: int = 16, repeats: int = 50, threads: int = 0, log=print,
     tables[f"executors: cnn1d on 1x40 (MNIST-1D), n={n}, local batch 32, cpu"] = executor_table(
         "cnn1d", (1, 40), n, 32, "cpu", repeats, executors, log=log)
     return tables
+
+
+SCALE_N = (16, 64, 256, 1024, 4096)
+
+
+def scale_report(ns=SCALE_N, B: int = 8, repeats: int = 5, log=print) -> dict[str, list[dict]]:
+    """`dsgdbench speed --scale`: how the simulator's cost grows with the number of workers.
+
+    Per n (cnn1d on 1x40, local batch B, ring, the native executor): the single-model SGD step at the
+    total batch n*B and the simulated D-SGD step, timed interleaved; their ratio; the cost per
+    sample; and the mixing step alone (W X on the [n, d] buffer) for the ring and the exponential
+    graph. Each n in its own interleaved measurement; medians and min-max.
+    """
+    from bench.comm import Mixer
+
+    rows = []
+    for n in ns:
+        log(f"timing n={n} (local batch {B}, total {n * B}) ...")
+        torch.manual_seed(0)
+        x = torch.randn(n, B, 1, 40)
+        y = torch.randint(0, K, (n, B))
+        sim = simulated_step("cnn1d", (1, 40), x, y, "native")
+        X = sim.workers.X.clone()
+        mix = {name: Mixer(topologies.get_topology(name, n), "cpu") for name in ("ring", "exponential")}
+        fns = {"single": plain_step("cnn1d", (1, 40), x, y), "simulated": sim,
+               "mix ring": lambda: mix["ring"](X, 0), "mix exponential": lambda: mix["exponential"](X, 0)}
+        res = interleaved(fns, torch.device("cpu"), repeats, warmup=2)
+        single, step = res["single"]["s"], res["simulated"]["s"]
+        rows.append({"workers": n, "local batch": B, "params": sim.workers.layout.d,
+                     "single ms": single * 1e3, "simulated ms": step * 1e3,
+                     "simulated min-max": f"{res['simulated']['min'] * 1e3:.1f}-{res['simulated']['max'] * 1e3:.1f}",
+                     "ratio": step / single, "us/sample single": single / (n * B) * 1e6,
+                     "us/sample simulated": step / (n * B) * 1e6,
+                     "mix ring ms": res["mix ring"]["s"] * 1e3, "mix exponential ms": res["mix exponential"]["s"] * 1e3,
+                     "load/core": machine_load()})
+        del fns, sim, X
+        _free(torch.device("cpu"))
+    return {f"scaling: cnn1d on 1x40, local batch {B}, ring, native executor, cpu ({torch.get_num_threads()} threads)":
+            rows}
 
 
 def gpu_report(models=("resnet18",), batches=(64, 512), precisions=("fp32", "bf16"), layouts=("nchw", "nhwc"),

@@ -19,14 +19,13 @@ Executors compute the logits of every worker on its own batch:
            worker, exactly as the module would update its own.
   loop   - functional_call of the one module, worker by worker, with that worker's
            parameter views; the readable reference the others are tested against.
-  auto   - native when the model has batched_forward, else vmap on CUDA and loop on
-           CPU: there vmap is not reliably faster than the loop (resnet18, 3x32x32,
-           4 workers x 8, one D-SGD step on a shared 2-core machine: vmap 1.21 s vs
-           loop 0.97 s with 2 threads, 2.70 s vs 3.40 s with 1 thread; for the cnn at
-           32x32 the loop beats grouped convolutions 2-3x). `dsgdbench speed --models
-           resnet18 --batches 8 -n 4` measures it on the machine at hand.
-           If vmap fails on a model (an op without a batching rule that cannot fall
-           back), auto switches to loop with a warning.
+  auto   - the fastest measured executor for the model and device: AUTO_EXECUTOR below where
+           it has an entry, else native when the model has batched_forward, else vmap on
+           CUDA and loop on CPU (there vmap is not reliably faster than the loop: resnet18,
+           3x32x32, 4 workers x 8 on a shared 2-core machine: vmap 1.21 s vs loop 0.97 s with 2
+           threads). `dsgdbench speed` times every executor and says when auto's choice is not
+           the fastest on the machine at hand. If vmap fails on a model (an op without a
+           batching rule that cannot fall back), auto switches to loop with a warning.
 
 Numerics options (none changes what a run computes beyond rounding; none is in the run id
 except precision):
@@ -131,6 +130,21 @@ class ParamLayout:
 
 
 
+# (device type, model class) -> the executor `auto` picks where the default rule is not the fastest.
+# Measured with `dsgdbench speed` on a 2-core CPU, n = 16, local batch 32, ratios to the single-model
+# step: the cnn on 3x32x32 images runs 0.57x with the loop and 1.05x with the native grouped
+# convolutions (its small channel counts leave the grouped kernels no work to share).
+AUTO_EXECUTOR = {("cpu", "CNN"): "loop"}
+
+
+def auto_executor(module: nn.Module, device) -> str:
+    dev = torch.device(device).type
+    choice = AUTO_EXECUTOR.get((dev, type(module).__name__))
+    if choice is not None:
+        return choice
+    return "native" if hasattr(module, "batched_forward") else ("vmap" if dev == "cuda" else "loop")
+
+
 def channels_last_input(x: torch.Tensor, executor: str) -> torch.Tensor:
     """x [n, B, C, H, W] (same values) in the memory layout the executor's convolutions want NHWC in.
 
@@ -183,7 +197,7 @@ class Workers:
             raise UserError(f"unknown executor {executor!r}; valid: {', '.join(EXECUTORS)}")
         self.requested = executor
         if executor == "auto":
-            executor = "native" if has_native else ("vmap" if self.device.type == "cuda" else "loop")
+            executor = auto_executor(self.module, self.device)
         if executor == "native" and not has_native:
             raise UserError(f"--executor native: model {type(self.module).__name__} has no batched forward; "
                             f"use vmap or loop")
@@ -197,7 +211,10 @@ class Workers:
         self._compiled: dict[str, object] = {}  # executor -> compiled forward (None: compilation failed)
         self._compile_ok: set = set()  # (executor, mode, input shape) graphs compiled and run once
         self._vmap_checked = False
-        self.chunk = 0  # workers per vectorized forward/backward (0: all); see loss_and_grad
+        # Workers per vectorized forward/backward (0: all; see loss_and_grad). The native executor on a CPU
+        # goes 64 workers at a time: grouped convolutions over more groups fall out of the caches (cnn1d at
+        # n = 1024: 1.5x the single-model step in one call, 1.0x in chunks of 64); n <= 64 is one call.
+        self.chunk = 64 if executor == "native" and self.device.type == "cpu" and n_local > 64 else 0
         norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
         norms = [(name, m) for name, m in self.module.named_modules() if isinstance(m, norm_types)]
         self._norm_params = {f"{name}.{p}" if name else p for name, m in norms for p, _ in m.named_parameters(recurse=False)}
@@ -409,6 +426,32 @@ class Workers:
             for k, v in self.buffers.items():
                 mod_bufs[k].copy_(v.mean(0))
         return self.eval_module
+
+
+_MALLOC_SET = False
+
+
+def keep_freed_memory() -> bool:
+    """glibc: serve every allocation from the heap and never give freed memory back (mallopt
+    M_MMAP_MAX = 0, M_TRIM_THRESHOLD = max), so the [n, d] tensors a step frees are reused by the
+    next step instead of being mapped afresh: at n = 1024 (cnn1d) each fresh 40 MB buffer costs
+    ~10,000 page faults, about half of a D-SGD step. The process keeps its peak memory; the
+    numbers are unchanged. Called once per process by the runner; a no-op elsewhere. Returns
+    whether it took effect."""
+    global _MALLOC_SET
+    if _MALLOC_SET:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        _MALLOC_SET = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+    return _MALLOC_SET
 
 
 def count_params(module: nn.Module) -> int:

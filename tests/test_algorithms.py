@@ -614,6 +614,9 @@ def test_every_preset_runs_and_reports_costs(tiny_cfg, tmp_path, algo):
     rule = component(cfg, "comm", layout=ParamLayout(build_model("mlp", (1, 16), 4)), n_local=n, total_steps=5,
                      topology=topo)
     assert on_disk["bytes_per_step"] == pytest.approx(rule.bytes_per_step(n, topo, d, 4))
+    # the messages the run really sent through the simulated backend (counted per call, as if every worker
+    # were its own process) are what the rule predicts
+    assert on_disk["bytes_sent_per_worker_step"] == pytest.approx(on_disk["bytes_per_step"], rel=1e-12)
     assert len(_read_csv(tmp_path / "results" / s["run_id"] / "metrics.csv")) == 5
 
 

@@ -280,7 +280,10 @@ class ItemNet(nn.Module):
 
 
 def test_auto_choice():
-    assert Workers(build_model("cnn", (3, 8, 8), 4), 2, "auto").executor == "native"
+    from bench.workers import AUTO_EXECUTOR
+
+    assert Workers(build_model("cnn", (3, 8, 8), 4), 2, "auto").executor == AUTO_EXECUTOR[("cpu", "CNN")] == "loop"
+    assert Workers(build_model("cnn1d", (1, 40), 4), 2, "auto").executor == "native"
     assert Workers(build_model("resnet18", (3, 8, 8), 4), 2, "auto").executor == "loop"  # CPU: loop
     assert Workers(build_model("resnet18", (3, 8, 8), 4), 2, "vmap").executor == "vmap"
     assert Workers(build_model("mlp", (1, 8), 4), 2, "vmap").executor == "vmap"

@@ -38,8 +38,9 @@ class _Group(typer.core.TyperGroup):
 
 
 app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Benchmark decentralized and sharpness-aware optimizers (C-SGD, D-SGD, DSGD-AC, SAM, "
-                       "AD-SAM, LAMB, D-LAMB) over communication topologies.")
+                  help="Benchmark data-parallel optimizers (centralized, decentralized, sharpness-aware, tracking, "
+                       "compressed, push-sum, local-update; `dsgdbench list algorithms`) over communication "
+                       "topologies.")
 out = Console()
 err = Console(stderr=True)
 
@@ -157,9 +158,14 @@ def _run_options() -> list[tuple[str, object, object]]:
         types = {p.type for _, p in decl}
         typ = decl[0][1].type if len(types) == 1 and tuple not in types else str
         flag = "--" + name.replace("_", "-")
-        where = ", ".join(f"{c.name} {_show_default(p.default)}" for c, p in decl)
+        helps = {p.help for _, p in decl}
+        if len(helps) == 1:  # one meaning: say it once, with every owner's default
+            where = ", ".join(f"{c.name} {_show_default(p.default)}" for c, p in decl)
+            text = f"{decl[0][1].help} (default: {where})"
+        else:  # the same name means different things to different components: say each
+            text = "; ".join(f"{c.name}: {p.help} (default {_show_default(p.default)})" for c, p in decl)
         opts.append((name, Optional[typ], typer.Option(
-            None, f"{flag}/--no-{flag[2:]}" if typ is bool else flag, help=f"{decl[0][1].help} (default: {where})",
+            None, f"{flag}/--no-{flag[2:]}" if typ is bool else flag, help=text,
             show_default=False, rich_help_panel="Component parameters")))
     opts += [
         ("seeds", Optional[str], typer.Option(None, help="Several seeds: 0,1,2 or 0-4 (overrides --seed).")),
@@ -206,7 +212,8 @@ def _check_used(cfg: RunConfig, keys: list[str]) -> None:
         if k in keys:
             owners = sorted({c.name for c, _ in declared(k)})
             names = ", ".join(a.name for a in r.active)
-            raise UserError(f"--{k.replace('_', '-')}: {cfg.algo} runs {names}, none of which has this parameter "
+            given = f"--set {k}" if "." in k else f"--{k.replace('_', '-')}"
+            raise UserError(f"{given}: {cfg.algo} runs {names}, none of which has this parameter "
                             f"(it belongs to {', '.join(owners)}); choose a component with --grad/--opt/--comm")
 
 
@@ -261,7 +268,7 @@ def compare(
                                                         "per configuration; repeatable or comma-separated."),
     tune_seeds: Optional[str] = typer.Option(None, help="With --tune: choose on these seeds only and report the "
                                                         "others (e.g. 100-101); default: the suite's, if any."),
-    robust: bool = typer.Option(False, "--robust", help="Also median [min, max] of test accuracy."),
+    robust: bool = typer.Option(False, "--robust", help="Also median \\[min, max] of test accuracy."),
 ):
     """Leaderboard: group runs over seeds; mean ± std, 95% CI, failures, paired tests against a baseline."""
     from rich.text import Text
@@ -540,6 +547,8 @@ def speed(
     if workers < 1:
         raise UserError(f"--workers must be >= 1 (got {workers})")
     exs = names(executors, "executors", ("loop", "vmap", "native"))
+    if scale and (device != "cpu" or workers != 16):
+        raise UserError("--scale times the CPU simulator at n = 16 to 4096 itself; drop --device/--workers")
     log = lambda m: err.print(f"[dim]{m}[/dim]")  # noqa: E731
     load = sp.machine_load()
     if load is not None and load > sp.BUSY:
@@ -602,6 +611,8 @@ def plot(
                                                 "(default: the config)."),
     tune: Optional[List[str]] = typer.Option(None, help="Plot only the value of KEY (e.g. lr) with the best mean "
                                                         "val_acc per configuration, as compare --tune does."),
+    tune_seeds: Optional[str] = typer.Option(None, help="With --tune: choose on these seeds, plot the others "
+                                                        "(default: the suite's tune_seeds in DIR/suite.json)."),
 ):
     """Figures: test accuracy vs step, consensus distance vs step, top-1 eigenvalue vs test accuracy."""
     from bench import leaderboard as lb
@@ -612,7 +623,10 @@ def plot(
         raise UserError(f"no finished runs in {results_dir!r}; run `dsgdbench run` first or pass the folder")
     tune_keys = _keys(tune)
     if tune_keys:
-        df = lb.tune_runs(df, tune_keys)[0]
+        seeds = parse_seeds(tune_seeds, "--tune-seeds") if tune_seeds is not None else _suite_tune_seeds(results_dir)
+        df = lb.tune_runs(df, tune_keys, seeds, where=f" in {results_dir}")[0]
+    elif tune_seeds is not None:
+        raise UserError("--tune-seeds goes with --tune KEY (e.g. --tune lr --tune-seeds 100-101)")
     keys = _keys(by) or None
     paths = make_plots(df, out_dir if out_dir is not None else Path(results_dir) / "plots", by=keys,
                        note=lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True))

@@ -1,9 +1,9 @@
 """Algorithms = gradient oracle x local optimizer x communication rule.
 
-Each component is one file of this package that registers itself; the named
-algorithms (csgd, dsgd, dsgd-ac, sam, ad-sam, lamb, d-lamb) are presets of the
-three choices (presets.py). Any other combination works through flags, e.g.
---algo dsgd --grad sam is decentralized SAM.
+Each component is one file of this package that registers itself and declares its
+parameters (bench/spec.py states the contract); a named algorithm is a preset of the
+three choices, registered next to its rule (`dsgdbench list algorithms`). Any other
+combination works through flags, e.g. --algo dsgd --grad sam is decentralized SAM.
 """
 
 from algorithms.base import KINDS, ORACLES, OPTIMIZERS, PRESETS, RULES, StepContext  # noqa: F401

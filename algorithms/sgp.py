@@ -8,7 +8,7 @@ Sent per step: one message of d + 1 values (x_i^{t+1/2} and w_i, already scaled 
 each out-neighbour. Initialisation: w = 1 and x = the common start, no gossip before the first
 gradient. Column sums of 1 keep sum_i x_i (up to the gradient steps) and sum_i w_i = n, so
 sum_i w_i z_i / n = mean_i x_i: the runner's average model mean_i x_i is push-sum's average.
-(Its consensus distance is that of the numerators x_i, not of the z_i.) On a doubly stochastic
+(Its consensus distance is measured at the de-biased models z_i = query(X), around mean_i x_i.) On a doubly stochastic
 W, w stays 1 and this is D-SGD with --order atc.
 
 Reference: facebookresearch/stochastic_gradient_push (synchronous mode): gossip/distributed.py

@@ -107,6 +107,7 @@ CASES: dict[str, tuple[list[str], tuple]] = {  # needles: str, or a tuple of alt
     "set-short-typo": (run("--set", "rhoo=0.1"), ("rhoo", "'rho'")),
     "set-component-typo": (run("--set", "sma.rho=0.1"), ("sma", "sam")),
     "set-value-text": (run("--algo", "sam", "--set", "sam.rho=abc"), ("sam.rho", "abc")),
+    "set-unused-component": (run("--algo", "dsgd", "--set", "sam.rho=0.1"), ("--set sam.rho", "dsgd")),
     "set-no-equals": (run("--set", "rho0.1"), ("--set", "rho0.1")),
     "rho-with-dsgd": (run("--algo", "dsgd", "--rho", "0.1"), ("--rho", "sam")),
     # --- run: sizes
@@ -162,6 +163,7 @@ CASES: dict[str, tuple[list[str], tuple]] = {  # needles: str, or a tuple of alt
     "plot-empty-dir": (["plot", f"{T}/emptydir", "--out", f"{T}/plots"], ("emptydir", "runs")),
     "plot-by-typo": (["plot", R, "--by", "algoo", "--out", f"{T}/plots"], ("--by", "algoo")),
     "plot-tune-no-val": (["plot", R, "--tune", "lr", "--out", f"{T}/plots"], ("--tune", "validation")),
+    "plot-tune-seeds-alone": (["plot", R, "--tune-seeds", "0", "--out", f"{T}/plots"], ("--tune-seeds", "--tune")),
     # --- topology
     "topology-unknown": (["topology", "rnig"], ("rnig", "ring")),
     "topology-workers-0": (["topology", "ring", "--workers", "0"], ("--workers",)),
@@ -174,6 +176,7 @@ CASES: dict[str, tuple[list[str], tuple]] = {  # needles: str, or a tuple of alt
     "speed-device-tpu": (["speed", "--device", "tpu"], ("--device", "tpu")),
     "speed-workers-0": (["speed", "--workers", "0"], ("--workers",)),
     "speed-executors-typo": (["speed", "--executors", "loop,vamp"], ("--executors", "vamp")),
+    "speed-scale-workers": (["speed", "--scale", "--workers", "32"], ("--scale", "--workers")),
     # --- landscape (a folder that is not a run: empty, and the results root above the runs)
     "landscape-empty-dir": (["landscape", f"{T}/emptydir", "--out", f"{T}/l.png"], ("emptydir",)),
     "landscape-results-root": (["landscape", R, "--out", f"{T}/l.png"], ("run",)),

@@ -19,6 +19,7 @@ PushSum.mix, gossip/mixing_manager.py UniformMixing (1/(out-peers + 1)), gossip/
 1 there, "lazy mixing"); here w is always sent, one extra value per message.
 """
 
+import numpy as np
 import torch
 
 from algorithms.base import RULES, preset
@@ -36,8 +37,9 @@ class PushSum(RuleBase):
         topo = ctx.topology
         if topo is not None:
             for t in range(topo.period):
-                W = topo.weights(t)
-                empty = (W != 0).sum(axis=1) == 0
+                W = topo.sparse(t)  # CSR (the diagonal may be stored as an explicit 0)
+                rows = np.repeat(np.arange(W.shape[0]), np.diff(W.indptr))
+                empty = np.bincount(rows[W.data != 0], minlength=W.shape[0]) == 0
                 if empty.any():
                     raise UserError(f"push-sum over {topo.name!r}: worker {int(empty.argmax())} receives nothing at "
                                     f"step {t} (row of W({t}) all zero), so its weight w would be 0")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import shutil
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -87,21 +88,36 @@ class _Plan:
         return self._cast[dtype]
 
 
-def exchange_lists(W: np.ndarray, P: int) -> list[list[np.ndarray]]:
-    """need[r][s]: sorted global rows of rank s's block that rank r's rows have nonzero weight on."""
+def exchange_lists(W, P: int) -> list[list[np.ndarray]]:
+    """need[r][s]: sorted global rows of rank s's block that rank r's rows have nonzero weight on.
+
+    W: the topology's scipy.sparse matrix (Topology.sparse(t)) or a dense array; O(nnz log nnz) for a
+    sparse one, never densified.
+    """
+    import scipy.sparse as sp
+
     n = W.shape[0]
     m = n // P
-    nz = W != 0
+    if sp.issparse(W):
+        coo = sp.coo_array(W)
+        nz = coo.data != 0
+        i, j = coo.row[nz].astype(np.int64), coo.col[nz].astype(np.int64)
+    else:
+        i, j = np.nonzero(np.asarray(W) != 0)
+        i, j = i.astype(np.int64), j.astype(np.int64)
+    inside = (i < P * m) & (j < P * m)  # as the dense slicing: rows and columns of the P blocks only
+    i, j = i[inside], j[inside]
+    r, s = (i // m, j // m) if m else (i, j)
+    cross = r != s
+    span = max(n, 1)
+    key = np.unique((r[cross] * P + s[cross]) * span + j[cross])  # sorted by (r, s, j), distinct
+    rs, cols = key // span, key % span
+    bounds = np.searchsorted(rs, np.arange(P * P + 1))  # need[a][b] is the run of rs == a * P + b
     need: list[list[np.ndarray]] = []
-    for r in range(P):
-        rows = nz[r * m:(r + 1) * m]
+    for a in range(P):
         per = []
-        for s in range(P):
-            if s == r:
-                per.append(np.zeros(0, dtype=np.int64))
-            else:
-                cols = np.nonzero(rows[:, s * m:(s + 1) * m].any(axis=0))[0]
-                per.append((cols + s * m).astype(np.int64))
+        for b in range(P):
+            per.append(cols[bounds[a * P + b]:bounds[a * P + b + 1]].astype(np.int64))
         need.append(per)
     return need
 
@@ -151,7 +167,7 @@ class DistComm:
         idx, w = topo.neighbors(key)
         idx, w = idx[lo:lo + m], w[lo:lo + m]
         w_t = torch.as_tensor(w, dtype=torch.float64, device=self.device)
-        need = exchange_lists(topo.weights(key), P)
+        need = exchange_lists(topo.sparse(key), P)
         every_pair = all(len(need[a][b]) for a in range(P) for b in range(P) if a != b)
         if P > 1 and every_pair and idx.shape[1] > self.n / 2:
             # Dense: every rank needs rows of every other and rows have > n/2 nonzeros;
@@ -509,6 +525,7 @@ def launch(cfg, procs: int, force: bool = False, progress: bool = True):
         outputs = elastic_launch(config, _entry)([c.to_dict() for c in cfgs], force, progress)
     except ChildFailedError as e:
         raise RunFailed(f"{describe_failure(e, first.dist_timeout)} (the ranks' logs: {log_dir})") from None
+    shutil.rmtree(log_dir, ignore_errors=True)  # kept only when a rank failed (named in that error)
     errors = [o["user_error"] for o in outputs.values() if isinstance(o, dict) and "user_error" in o]
     if errors:
         raise UserError(errors[0])

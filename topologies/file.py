@@ -4,7 +4,8 @@ The .npy holds a 2-D float array; the .csv holds comma-separated floats, one row
 line, no header. Row i is the weights worker i gives to every x_j. The matrix must be
 n x n, non-negative and doubly stochastic, with a connected graph; or only column-stochastic,
 a directed graph (worker j pushes to the i with W_ij > 0), strongly connected, for push-sum
-(--algo sgp). Period 1.
+(--algo sgp). Period 1. The file is read and checked dense (such files are small); the Topology
+keeps it as a CSR array like every other family.
 """
 
 import os

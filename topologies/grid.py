@@ -2,17 +2,18 @@
 W_ij = 1/(1 + max(d_i, d_j)) on edges, the rest on the diagonal.
 
 Default shape: the most square n = r x c with 2 <= r <= c; "grid:RxC" picks one.
+Spectrum: the weights depend on both degrees, so W is no Kronecker sum of path spectra;
+mixing_rate() computes it (dense up to 512 workers, ARPACK eigsh above).
 """
 
-from topologies.base import TOPOLOGIES, Topology, factorisations, grid_shape, metropolis_hastings
-from topologies.torus import grid_edges
+from topologies.base import TOPOLOGIES, Topology, factorisations, grid_shape
+from topologies.torus import grid_mh
 
 
 @TOPOLOGIES.register("grid", "2-D grid without wraparound (grid:RxC), Metropolis-Hastings weights")
 def grid(n: int, arg: str | None) -> Topology:
     r, c = grid_shape("grid", n, arg)
-    W = metropolis_hastings(grid_edges(r, c, wrap=False), n)
-    topo = Topology(f"grid:{r}x{c}", n, [W])
+    topo = Topology(f"grid:{r}x{c}", n, [grid_mh(r, c, wrap=False)])
     topo.shape = (r, c)
     return topo
 

@@ -265,7 +265,8 @@ def compare(
     baseline: Optional[str] = typer.Option(None, help="Paired differences to this algo on shared seeds, e.g. csgd."),
     target_acc: Optional[float] = typer.Option(None, help="Steps and train seconds to this test accuracy (%)."),
     tune: Optional[List[str]] = typer.Option(None, help="Keep the value of KEY (e.g. lr) with the best mean val_acc "
-                                                        "per configuration; repeatable or comma-separated."),
+                                                        "per configuration; repeatable or comma-separated "
+                                                        "(default: a tuned suite's keys; none: every run)."),
     tune_seeds: Optional[str] = typer.Option(None, help="With --tune: choose on these seeds only and report the "
                                                         "others (e.g. 100-101); default: the suite's, if any."),
     robust: bool = typer.Option(False, "--robust", help="Also median \\[min, max] of test accuracy."),
@@ -286,7 +287,7 @@ def compare(
         bad = [c for c in metrics if c not in lb.COLUMNS]
         if bad:
             raise UserError(f"--columns: unknown metric {bad[0]!r}; valid: {', '.join(lb.COLUMNS)}")
-    tune_keys = _keys(tune)
+    tune_keys = _tune_keys(tune, results_dir)
     warn = lambda m: err.print(f"[yellow]warning:[/yellow] {m}", soft_wrap=True)  # noqa: E731
     df = lb.runs_frame(results_dir, warn=warn)
     selected = df
@@ -323,15 +324,37 @@ def compare(
         sys.stdout.write(lb.render(numeric, display, fmt, prov, runs=selected))
 
 
-def _suite_tune_seeds(results_dir: str):
-    """The tuning seeds a suite recorded in its results folder (suite.json), else None."""
+def _suite_info(results_dir: str) -> dict:
+    """What a suite recorded in its results folder (suite.json), or {}."""
     f = Path(results_dir) / "suite.json"
     try:
         data = json.loads(f.read_text()) if f.is_file() else {}
     except (OSError, ValueError):
-        return None
-    seeds = data.get("tune_seeds") if isinstance(data, dict) else None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _suite_tune_seeds(results_dir: str):
+    """The tuning seeds a suite recorded in its results folder (suite.json), else None."""
+    seeds = _suite_info(results_dir).get("tune_seeds")
     return list(seeds) if isinstance(seeds, list) and seeds else None
+
+
+def _tune_keys(tune, results_dir: str) -> list[str]:
+    """--tune KEYS; without it, a tuned suite's own keys (its folder mixes the tuning runs of every
+    grid value with the report runs, which only make sense tuned); --tune none: every run."""
+    keys = _keys(tune)
+    if keys == ["none"]:
+        return []
+    if keys:
+        return keys
+    suite = _suite_info(results_dir).get("tune")
+    if isinstance(suite, list) and suite and all(isinstance(k, str) for k in suite):
+        err.print(f"tuned suite (suite.json): --tune {','.join(suite)} on seeds "
+                  f"{','.join(map(str, _suite_tune_seeds(results_dir) or []))}; --tune none shows every run",
+                  markup=False, highlight=False, soft_wrap=True)
+        return list(suite)
+    return []
 
 
 def _command_line(ctx: typer.Context) -> str:
@@ -610,7 +633,8 @@ def plot(
     by: Optional[str] = typer.Option(None, help="Group runs into curves by these keys, e.g. algo,topology "
                                                 "(default: the config)."),
     tune: Optional[List[str]] = typer.Option(None, help="Plot only the value of KEY (e.g. lr) with the best mean "
-                                                        "val_acc per configuration, as compare --tune does."),
+                                                        "val_acc per configuration, as compare --tune does "
+                                                        "(default: a tuned suite's keys; none: every run)."),
     tune_seeds: Optional[str] = typer.Option(None, help="With --tune: choose on these seeds, plot the others "
                                                         "(default: the suite's tune_seeds in DIR/suite.json)."),
 ):
@@ -621,7 +645,7 @@ def plot(
     df = lb.runs_frame(results_dir, warn=lambda m: err.print(f"[yellow]warning:[/yellow] {m}"))
     if df.empty:
         raise UserError(f"no finished runs in {results_dir!r}; run `dsgdbench run` first or pass the folder")
-    tune_keys = _keys(tune)
+    tune_keys = _tune_keys(tune, results_dir)
     if tune_keys:
         seeds = parse_seeds(tune_seeds, "--tune-seeds") if tune_seeds is not None else _suite_tune_seeds(results_dir)
         df = lb.tune_runs(df, tune_keys, seeds, where=f" in {results_dir}")[0]

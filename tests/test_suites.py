@@ -523,6 +523,14 @@ def test_tuned_suite_chooses_on_tuning_seeds_and_reports_the_others(tmp_path):
     assert_ok(res)
     df = pd.read_csv(io.StringIO(res.stdout), comment="#")
     assert sorted(df["seeds"]) == [2, 2]  # the report seeds only
+    res = cli("compare", root, "--format", "csv")  # a tuned suite's folder is compared tuned by default
+    assert_ok(res)
+    assert pd.read_csv(io.StringIO(res.stdout), comment="#").equals(df)
+    assert "--tune lr on seeds 100,101" in res.stderr
+    res = cli("compare", root, "--tune", "none", "--format", "csv")  # every run: one group per lr, seeds mixed
+    assert_ok(res)
+    every = pd.read_csv(io.StringIO(res.stdout), comment="#")
+    assert len(every) == 6 and every["seeds"].sum() == 16
     res = cli("suite", f)
     assert_ok(res)
     assert "ran 0" in res.stdout  # both phases finished: nothing to do

@@ -659,6 +659,9 @@ def plot(
 
 
 def main() -> None:
+    from bench.results import versions
+
+    versions()  # the revision of the code loaded now, whatever is committed while a long suite runs
     app()
 
 

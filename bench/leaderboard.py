@@ -419,7 +419,8 @@ def tune_warnings(choices: pd.DataFrame, keys: list[str], tune_seeds) -> list[st
                    "(seeds used only to choose) or run a suite with tune_seeds")
     for _, r in choices[choices["edge"] != ""].iterrows():
         what = ", ".join(f"{k}={_value(r[k])}" for k in r.index if k not in (
-            "candidates", "tune_seeds", "reported", "failed", "val_acc_mean", "val_acc_std", "edge"))
+            "candidates", "tune_seeds", "reported", "failed", "val_acc_mean", "val_acc_std", "edge")
+            and not _isna(r[k]) and r[k] != "—")  # the keys of this configuration only
         out.append(f"--tune {r['edge']}: the chosen value is at the edge of its grid ({what}); widen the grid")
     if tune_seeds is not None and "missing" in choices.attrs and choices.attrs["missing"]:
         out.append(f"{choices.attrs['missing']} configuration(s) have no run on the tuning seeds and are left out "
@@ -576,7 +577,8 @@ def leaderboard(df: pd.DataFrame, by: list[str] | None = None, metrics=DEFAULT_C
         check_duplicate_seeds(g, ", ".join(f"{k}={_value(v)}" for k, v in labels.items()))
         ok = g[g["status"] == "completed"]
         num = {**labels}
-        disp = {**labels}
+        disp = {k: _value(v) if _isna(v) or isinstance(v, (float, np.floating)) else v  # "—": p of D-SGD
+                for k, v in labels.items()}
         for k, c in zip(tuned, tuned_cols):
             values = list(dict.fromkeys(_value(v) for v in g[c]))
             of = list(dict.fromkeys(str(int(v)) for v in g[CANDIDATES].dropna())) if CANDIDATES in g else []

@@ -268,6 +268,21 @@ def load_metrics(run_dir: str):
 
 
 def versions() -> dict:
+    """torch, dsgdbench, git revision and python of the code this process runs.
+
+    Read once, on the first call (the CLI makes it at start-up, before any run): a suite that
+    runs for hours records the code it loaded, not commits made in the meantime.
+    """
+    global _VERSIONS
+    if _VERSIONS is None:
+        _VERSIONS = _read_versions()
+    return dict(_VERSIONS)
+
+
+_VERSIONS = None
+
+
+def _read_versions() -> dict:
     import bench
 
     rev = None

@@ -1,3 +1,3 @@
 """dsgdbench: a benchmark harness for decentralized and sharpness-aware optimizers."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -142,6 +142,7 @@ def is_algorithm_key(key: str) -> bool:
 ALGORITHM_FIELDS = frozenset(f.name for f in RunConfig.core(ALGORITHM))
 
 CANDIDATES = "tune.candidates"  # column added by tune_runs: how many values of the tuned key(s) competed
+EDGE = "tune.edge"  # column added by tune_runs: the tuned keys whose chosen value is at its grid's edge
 SIGNIFICANT = "*"
 
 
@@ -366,6 +367,7 @@ def tune_runs(df: pd.DataFrame, keys: list[str], tune_seeds=None, where: str = "
     varying = [c for c in context if key_str[c].nunique() > 1 or c in ("cfg.algo", "algo")]
 
     keep: dict = {}  # reported row index -> number of values it was chosen from
+    at_edge: dict = {}  # reported row index -> the tuned keys whose chosen value is at its grid's edge
     choices = []
     for _, g in key_str[tuning].groupby(["_all", *context], sort=False, dropna=False):
         ranking = []
@@ -387,6 +389,7 @@ def tune_runs(df: pd.DataFrame, keys: list[str], tune_seeds=None, where: str = "
         first = df.loc[best[0]]
         v_best = t_interval(val[best[~failed[best]]])
         edge = [k for k, c in zip(keys, cols) if _at_edge(first[c], [df.loc[r.rows[0], c] for r in ranking])]
+        at_edge.update({i: ",".join(edge) for i in reported})
         choices.append({**{c.removeprefix("cfg."): first[c] for c in varying},
                         **{k: first[c] for k, c in zip(keys, cols)},
                         "candidates": len(ranking), "tune_seeds": len(best), "reported": len(reported),
@@ -394,6 +397,7 @@ def tune_runs(df: pd.DataFrame, keys: list[str], tune_seeds=None, where: str = "
                         "edge": ",".join(edge)})
     selected = df.loc[sorted(keep)].copy()
     selected[CANDIDATES] = pd.Series(keep)
+    selected[EDGE] = pd.Series(at_edge, dtype=object)
     out = pd.DataFrame(choices)
     chosen = set(key_str[tuning].groupby(["_all", *context], sort=False, dropna=False).groups)
     out.attrs["missing"] = len(set(key_str[~tuning].groupby(["_all", *context], sort=False, dropna=False).groups)
@@ -584,7 +588,10 @@ def leaderboard(df: pd.DataFrame, by: list[str] | None = None, metrics=DEFAULT_C
             of = list(dict.fromkeys(str(int(v)) for v in g[CANDIDATES].dropna())) if CANDIDATES in g else []
             num[f"tuned_{k}"] = g[c].iloc[0] if len(values) == 1 else "/".join(values)
             num[f"tuned_{k}_of"] = int(g[CANDIDATES].max()) if of else np.nan
-            disp[f"{k} (tuned)"] = "/".join(values) + (f" (of {'/'.join(of)})" if of else "")
+            edge = EDGE in g and any(k in str(e).split(",") for e in g[EDGE].dropna())
+            num[f"tuned_{k}_edge"] = edge
+            disp[f"{k} (tuned)"] = "/".join(values) + (f" (of {'/'.join(of)}{', grid edge' if edge else ''})"
+                                                       if of else "")
         failures = {st: int((g["status"] == st).sum()) for st in results.FAILED}
         n_fail = sum(failures.values())
         lo, hi = clopper_pearson(n_fail, len(g))

@@ -409,7 +409,7 @@ def test_tune_chooses_on_tuning_seeds_and_reports_the_others(tmp_path):
     numeric, display = lb.leaderboard(selected, metrics=("test_acc",), tuned=["lr"])
     num, disp = by_algo(numeric, display, "dsgd")
     assert num["seeds"] == 3 and num["test_acc_mean"] == pytest.approx(60.0 + 4.0 + 1.0)
-    assert disp["lr (tuned)"] == "0.4 (of 3)" and num["tuned_lr"] == 0.4
+    assert disp["lr (tuned)"] == "0.4 (of 3, grid edge)" and num["tuned_lr"] == 0.4 and num["tuned_lr_edge"]
 
 
 def test_tune_without_tuning_seeds_shares_them(tmp_path):
@@ -457,6 +457,10 @@ def test_cli_compare_tune_seeds(tmp_path):
     assert df.loc["dsgd", "test_acc_mean"] == pytest.approx(65.0)
     assert "edge of its grid (algo=dsgd, lr=0.4)" in res.stderr
     assert "same seeds" not in res.stderr
+    assert bool(df.loc["dsgd", "tuned_lr_edge"]) and not bool(df.loc["csgd", "tuned_lr_edge"])
+    res = CliRunner().invoke(app, ["compare", str(root), "--tune", "lr", "--tune-seeds", "100,101", "--columns",
+                                   "test_acc", "--format", "md"])
+    assert "| 0.4 (of 3, grid edge) |" in res.stdout.replace("  ", " ").replace("  ", " ")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -399,9 +399,10 @@ def tune_runs(df: pd.DataFrame, keys: list[str], tune_seeds=None, where: str = "
     selected[CANDIDATES] = pd.Series(keep)
     selected[EDGE] = pd.Series(at_edge, dtype=object)
     out = pd.DataFrame(choices)
-    chosen = set(key_str[tuning].groupby(["_all", *context], sort=False, dropna=False).groups)
-    out.attrs["missing"] = len(set(key_str[~tuning].groupby(["_all", *context], sort=False, dropna=False).groups)
-                               - chosen) if tune_seeds is not None else 0
+    cfg_cols = ["_all", *context]  # one configuration = one tuple of these (all text)
+    chosen = set(key_str.loc[tuning, cfg_cols].itertuples(index=False, name=None))
+    rest = set(key_str.loc[~tuning, cfg_cols].itertuples(index=False, name=None))
+    out.attrs["missing"] = len(rest - chosen) if tune_seeds is not None else 0
     return selected, out
 
 

@@ -110,8 +110,9 @@ def test_sampler_batch_larger_than_shard(synth):
 
 def test_epoch_steps():
     assert epoch_steps(512, 32) == 16
-    assert epoch_steps(512, 1000) == 1
-    assert epoch_steps(100, 33) == 3
+    # N / B, not rounded: a total batch larger than the training set is a fraction of an epoch per step.
+    assert epoch_steps(512, 1000) == 0.512
+    assert epoch_steps(3600, 2048) == 3600 / 2048
 
 
 # ----------------------------------------------------------------------------------------------

@@ -385,7 +385,7 @@ def test_out_of_memory_halves_the_chunk_and_retries(img_data, monkeypatch):
 
 def _wrong_mixing(tr: Trainer, eps: float = 1e-6) -> Trainer:
     """Move eps of worker 0's self-weight to its first neighbour (W stays row-stochastic)."""
-    kind, idx, w = tr.comm.mixer.plan(0, torch.float64)
+    kind, idx, w, _slots = tr.comm.mixer.plan(0, torch.float64)
     w[0, 0] -= eps
     w[0, 1] += eps
     return tr

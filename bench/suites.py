@@ -519,8 +519,15 @@ def plan(suite: Suite, results: Optional[str] = None, seeds: Optional[str] = Non
 
 def _config_text(suite: Suite, cfg: RunConfig) -> str:
     """The grid keys that place a configuration (not the tuned ones), for messages."""
-    keys = [k for k in suite.grid if k not in suite.tune and k != "algo"]
-    return ", ".join(f"{k}={_tuned_value(cfg, k)}" for k in keys) or "all"
+    out = []
+    for k in suite.grid:
+        if k in suite.tune or k == "algo":
+            continue
+        try:
+            out.append(f"{k}={_tuned_value(cfg, k)}")
+        except KeyError:  # a grid key of another component (DSGD-AC's p for C-SGD): it does not place this one
+            pass
+    return ", ".join(out) or "all"
 
 
 def _seed_text(seeds) -> str:

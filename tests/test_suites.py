@@ -483,6 +483,7 @@ hessian = true
 [grid]
 algo = ["csgd", "dsgd"]
 lr = [0.01, 0.1, 0.5]
+order = ["cta"]  # a key of gossip's only: it places D-SGD's runs and not C-SGD's
 [per_algo.dsgd.grid]
 lr = [0.05, 0.2, 1.0]
 """
@@ -534,3 +535,7 @@ def test_tuned_suite_chooses_on_tuning_seeds_and_reports_the_others(tmp_path):
     res = cli("suite", f)
     assert_ok(res)
     assert "ran 0" in res.stdout  # both phases finished: nothing to do
+    res = cli("suite", f, "--dry-run")  # notes name each choice by the grid keys its configuration has
+    assert_ok(res)
+    text = " ".join(res.stdout.split())
+    assert "tuned csgd (all): lr=" in text and "tuned dsgd (order=cta): lr=" in text

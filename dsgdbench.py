@@ -270,6 +270,9 @@ def compare(
     tune_seeds: Optional[str] = typer.Option(None, help="With --tune: choose on these seeds only and report the "
                                                         "others (e.g. 100-101); default: the suite's, if any."),
     robust: bool = typer.Option(False, "--robust", help="Also median \\[min, max] of test accuracy."),
+    paired: Optional[str] = typer.Option(None, help="With --baseline: the paired differences shown, e.g. "
+                                                    "test_acc,top_eig,adaptive_top_eig (default test_acc; the CSV "
+                                                    "has all)."),
 ):
     """Leaderboard: group runs over seeds; mean ± std, 95% CI, failures, paired tests against a baseline."""
     from rich.text import Text
@@ -298,9 +301,12 @@ def compare(
             warn(m)
     elif tune_seeds is not None:
         raise UserError("--tune-seeds goes with --tune KEY (e.g. --tune lr --tune-seeds 100-101)")
+    if paired is not None and baseline is None:
+        raise UserError("--paired goes with --baseline ALGO (e.g. --baseline dsgd --paired test_acc,top_eig)")
     numeric, display = lb.leaderboard(selected, _keys(by) or None, metrics, baseline=baseline,
                                       target_acc=target_acc, tuned=tune_keys, robust=robust,
-                                      where=f" in {results_dir}")
+                                      where=f" in {results_dir}",
+                                      paired=tuple(_keys(paired)) if paired else lb.PAIRED[:1])
     prov = lb.provenance(selected, _command_line(ctx))
     if out_file is not None:
         text = lb.render(numeric, display, fmt, prov, runs=selected)

@@ -548,7 +548,7 @@ def time_to_target(df: pd.DataFrame, target: float) -> pd.DataFrame:
 
 def leaderboard(df: pd.DataFrame, by: list[str] | None = None, metrics=DEFAULT_COLUMNS, baseline: str | None = None,
                 target_acc: float | None = None, tuned: list[str] | None = None, robust: bool = False,
-                where: str = ""):
+                where: str = "", paired: tuple[str, ...] = PAIRED[:1]):
     """Two frames: `numeric` (for CSV) and `display` (strings, for the tables).
 
     numeric has, per group, the key values, seeds (runs), failed, diverged, collapsed,
@@ -559,7 +559,12 @@ def leaderboard(df: pd.DataFrame, by: list[str] | None = None, metrics=DEFAULT_C
     target target_reached, target_steps_mean, target_seconds_mean. Rows are sorted by mean test
     accuracy, best first. display.attrs holds "labels" (the key columns) and "notes".
     robust: also show median [min, max] of test accuracy.
+    paired: the paired differences shown in display (all of PAIRED are in numeric); the first gets the
+    columns "p (Holm)" and "seeds for 80%", the others their Holm p inside their Δ column.
     """
+    bad = [c for c in paired if c not in PAIRED]
+    if bad:
+        raise UserError(f"--paired {bad[0]!r}: paired differences exist for {', '.join(PAIRED)}")
     if df.empty:
         raise UserError(f"no finished runs found{where}; run `dsgdbench run` first or pass the folder of your runs")
     if baseline is not None and baseline not in set(df["algo"]):
@@ -647,7 +652,7 @@ def leaderboard(df: pd.DataFrame, by: list[str] | None = None, metrics=DEFAULT_C
 
     notes = []
     if base_of is not None:
-        notes += _tests(numeric_rows, display_rows, diffs, groups, base_of, baseline)
+        notes += _tests(numeric_rows, display_rows, diffs, groups, base_of, baseline, paired)
     numeric = pd.DataFrame(numeric_rows)
     display = pd.DataFrame(display_rows)
     if "test_acc_mean" in numeric:
@@ -668,8 +673,9 @@ def leaderboard(df: pd.DataFrame, by: list[str] | None = None, metrics=DEFAULT_C
     return numeric, display
 
 
-def _tests(numeric_rows, display_rows, diffs, groups, base_of, baseline) -> list[str]:
-    """Holm over each paired metric's comparisons in this table; power; the display columns. Notes."""
+def _tests(numeric_rows, display_rows, diffs, groups, base_of, baseline, paired=PAIRED[:1]) -> list[str]:
+    """Holm over each paired metric's comparisons in this table (one family per metric); power; the
+    display columns of the metrics in `paired`. Notes."""
     notes = []
     for c, items in diffs.items():
         rows = [i for i, _ in items]
@@ -683,33 +689,43 @@ def _tests(numeric_rows, display_rows, diffs, groups, base_of, baseline) -> list
             num[f"delta_{c}_seeds80"] = _power_seeds(d.mean, d.std, alpha)
             if c in ONE_POINT:
                 num[f"delta_{c}_seeds80_1pt"] = _power_seeds(ONE_POINT[c], d.std, alpha)
-        if c == PAIRED[0]:
-            header, fmt = METRICS[c]
+        if c == paired[0]:
+            one = f" / at 1 point" if c in ONE_POINT else ""
             notes.append(f"Δ: paired difference to {baseline} on the seeds both completed, mean ± 95% CI "
                          f"half-width (pairs); p: two-sided paired t test, Holm-corrected over the {m} comparisons "
-                         f"of this table with 2 or more pairs; {SIGNIFICANT} p (Holm) < {ALPHA}; seeds for 80%: "
-                         f"pairs a paired t test at α = {ALPHA}/{max(1, m)} needs for 80% power at the observed "
-                         f"difference / at 1 point (with the observed sd of the differences)")
+                         f"of this table with 2 or more pairs (each metric is its own family); {SIGNIFICANT} "
+                         f"p (Holm) < {ALPHA}; seeds for 80%: pairs a paired t test at α = {ALPHA}/{max(1, m)} "
+                         f"needs for 80% power at the observed difference{one} (with the observed sd of the "
+                         f"differences)")
     for i, (key, g) in enumerate(groups):
         num, disp = numeric_rows[i], display_rows[i]
-        c = PAIRED[0]
-        if f"delta_{c}_mean" not in num:
-            continue
-        header, fmt = METRICS[c]
-        j = base_of[i]
-        name = f"Δ {header.split(' (')[0]} vs {baseline}"
-        if j == i:
-            disp[name], disp["p (Holm)"], disp["seeds for 80%"] = "baseline", "", ""
-            continue
-        if j is None:
-            disp[name], disp["p (Holm)"], disp["seeds for 80%"] = f"no {baseline} run", "—", "—"
-            continue
-        d = Stats(num[f"delta_{c}_mean"], num[f"delta_{c}_std"], num[f"delta_{c}_ci95"], num[f"delta_{c}_n"])
-        pa = num.get(f"delta_{c}_p_holm", math.nan)
-        disp[name] = _difference(d, fmt, pa)
-        disp["p (Holm)"] = "—" if math.isnan(pa) else f"{pa:.3f}" if pa >= 0.001 else "<0.001"
-        disp["seeds for 80%"] = f"{_seeds_text(num.get(f'delta_{c}_seeds80'))} / " \
-                                f"{_seeds_text(num.get(f'delta_{c}_seeds80_1pt'))}"
+        for c in paired:
+            if f"delta_{c}_mean" not in num:
+                continue
+            first = c == paired[0]
+            header, fmt = METRICS[c]
+            j = base_of[i]
+            name = f"Δ {header.split(' (')[0]} vs {baseline}"
+            if j == i:
+                disp[name] = "baseline"
+                if first:
+                    disp["p (Holm)"], disp["seeds for 80%"] = "", ""
+                continue
+            if j is None:
+                disp[name] = f"no {baseline} run"
+                if first:
+                    disp["p (Holm)"], disp["seeds for 80%"] = "—", "—"
+                continue
+            d = Stats(num[f"delta_{c}_mean"], num[f"delta_{c}_std"], num[f"delta_{c}_ci95"], num[f"delta_{c}_n"])
+            pa = num.get(f"delta_{c}_p_holm", math.nan)
+            p_text = "—" if math.isnan(pa) else f"{pa:.3f}" if pa >= 0.001 else "<0.001"
+            disp[name] = _difference(d, fmt, pa)
+            if first:
+                disp["p (Holm)"] = p_text
+                disp["seeds for 80%"] = f"{_seeds_text(num.get(f'delta_{c}_seeds80'))}" + (
+                    f" / {_seeds_text(num.get(f'delta_{c}_seeds80_1pt'))}" if c in ONE_POINT else "")
+            elif d.n >= 2:
+                disp[name] += f", p {p_text}"
     return notes
 
 

@@ -465,6 +465,35 @@ def test_cli_compare_baseline(tmp_path):
     assert_user_error(cli("compare", root, "--baseline", "nosuch"), "--baseline", "nosuch", "csgd, dsgd, sam")
 
 
+def test_paired_sharpness_columns_against_scipy_and_statsmodels(tmp_path):
+    """--paired shows the paired difference of the sharpness measures too: each metric is its own Holm family,
+    computed here with scipy's paired t test and statsmodels' Holm."""
+    from statsmodels.stats.multitest import multipletests
+
+    root = tmp_path / "res"
+    eig = {"csgd": [5.0, 6.0, 7.5, 5.5], "dsgd": [3.0, 3.5, 4.0, 3.2], "sam": [5.1, 5.9, 7.7, 5.0]}
+    for algo, values in eig.items():
+        for seed, v in enumerate(values):
+            write_run(root, algo, seed, 90.0 + seed + (algo == "dsgd") * 0.1 * seed, top_eig=v,
+                      adaptive_top_eig=v / 2)
+    res = cli("compare", root, "--baseline", "csgd", "--paired", "test_acc,top_eig", "--format", "md")
+    assert_ok(res)
+    p = [sps.ttest_rel(eig[a], eig["csgd"]).pvalue for a in ("dsgd", "sam")]
+    holm = multipletests(p, method="holm")[1]
+    lines = {ln.split("|")[1].strip(): ln for ln in res.stdout.splitlines() if ln.startswith("| ")}
+    for algo, ph in zip(("dsgd", "sam"), holm):
+        d = np.subtract(eig[algo], eig["csgd"])
+        half = sps.t.ppf(0.975, 3) * d.std(ddof=1) / 2
+        mark = " *" if ph < 0.05 else ""
+        assert f"{d.mean():+.2f} ± {half:.2f} (4){mark}, p {ph:.3f}" in lines[algo], (algo, lines[algo])
+    assert holm[0] < 0.05 < holm[1]  # the test can tell a flatter method from an equal one
+    df = read_csv_export(cli("compare", root, "--baseline", "csgd", "--format", "csv").stdout)
+    got = df.set_index("algo").loc[["dsgd", "sam"], "delta_top_eig_p_holm"].to_numpy()
+    np.testing.assert_allclose(got, holm, rtol=1e-10)  # the CSV has every paired metric without --paired
+    assert_user_error(cli("compare", root, "--baseline", "csgd", "--paired", "val_acc"), "--paired", "top_eig")
+    assert_user_error(cli("compare", root, "--paired", "top_eig"), "--paired", "--baseline")
+
+
 def test_cli_compare_out_tex_and_bad_extension(tmp_path):
     root = _paired_folder(tmp_path / "res")
     tex = tmp_path / "board.tex"

@@ -121,7 +121,7 @@ def test_shipped_suites_are_package_data():
 
 # (runs planned now, report runs planned after tuning): counted by hand from the TOML files
 @pytest.mark.parametrize("name,count,pending", [
-    ("quick", 7 * 3, 0), ("quick-tune", 7 * 4 * 2, 7 * 3), ("large-batch", 3 * 2 * 5 * 2, 3 * 2 * 10),
+    ("quick", 7 * 3, 0), ("quick-tune", 7 * 4 * 2, 7 * 3), ("large-batch", 3 * 2 * 6 * 2, 3 * 2 * 10),
     ("dsgdac", 6 * 5 * 2, 6 * 6), ("beyond", 38 * 3 * 2, 38 * 3), ("zhu2023-fig1", 8, 0), ("dsgdac-table", 21, 0)])
 def test_shipped_suite_expands(name, count, pending, wrn, tmp_path):
     """dsgdac: csgd, dsgd, sam and dsgd-ac with p = 1, 2, 3; beyond: 8 gossip methods x 2 graphs x 2 partitions
@@ -172,8 +172,9 @@ def test_large_batch_suite_contents():
     for r in p.runs:
         by.setdefault((r.cfg.algo, r.resolved.topology), []).append(r)
     assert sorted(by) == [("csgd", "allreduce"), ("dsgd", "exponential"), ("dsgd", "ring")]
-    assert all(len(v) == 2 * 5 * 2 for v in by.values())  # 2 batches x 5 lrs x 2 tuning seeds
-    assert p.merged == 2 * 5 * 2  # csgd on the exponential graph: the ring's runs
+    n_lr = len(p.suite.grid["lr"])
+    assert all(len(v) == 2 * n_lr * 2 for v in by.values())  # 2 batches x the lrs x 2 tuning seeds
+    assert p.merged == 2 * n_lr * 2  # csgd on the exponential graph: the ring's runs
     for r in p.runs:
         c = r.resolved
         assert r.phase == "tune" and c.seed in (100, 101) and not c.hessian
@@ -236,7 +237,7 @@ def test_list_suites(tmp_path, monkeypatch):
     res = cli("list", "suites")
     assert_ok(res)
     text = " ".join(res.stdout.split())
-    for name, count in (("quick", "21 runs"), ("large-batch", "60 tuning + 60 report runs"), ("zhu2023-fig1", "8 runs")):
+    for name, count in (("quick", "21 runs"), ("large-batch", "72 tuning + 60 report runs"), ("zhu2023-fig1", "8 runs")):
         assert name in text
         assert f"({count})" in text
 

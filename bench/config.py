@@ -273,7 +273,8 @@ class RunConfig:
             for k, v in self.params:
                 _check_given(k, v)
         validate_params(self.hyper())
-        topologies.TOPOLOGIES.get(topologies.parse_spec(self.topology)[0])
+        if not (self.topology == "allreduce" and not self.needs_topology()):  # a resolved config.json of C-SGD
+            topologies.TOPOLOGIES.get(topologies.parse_spec(self.topology)[0])
         dataset_info(self.dataset)
         if self.model is not None and not self.model.startswith("timm:"):
             MODELS.get(self.model)

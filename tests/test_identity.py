@@ -149,3 +149,14 @@ def test_a_seed_is_never_counted_twice(tmp_path):
     with pytest.raises(UserError, match="seed 0 appears twice") as e:
         lb.leaderboard(lb.runs_frame(str(tmp_path)))
     assert "\n" not in str(e.value) and str(tmp_path / "a") in str(e.value)
+
+
+@pytest.mark.parametrize("name", PRESETS.names())
+def test_config_json_round_trips(name):
+    """A run's config.json (the resolved configuration) read back gives the same run: C-SGD's recorded
+    topology "allreduce" included."""
+    c = resolved(algo=name)
+    back = RunConfig.from_dict(json.loads(json.dumps(c.to_dict()))).validate().resolve(*MNIST1D)
+    assert back.run_id() == c.run_id() and back.identity() == c.identity()
+    with pytest.raises(UserError, match="unknown topology 'allreduce'"):
+        RunConfig(algo="dsgd", topology="allreduce").validate()  # only a rule without a graph has none

@@ -646,6 +646,7 @@ def plot(
 ):
     """Figures: test accuracy vs step, consensus distance vs step, top-1 eigenvalue vs test accuracy."""
     from bench import leaderboard as lb
+    from bench.config import parse_seeds
     from bench.plots import make_plots
 
     df = lb.runs_frame(results_dir, warn=lambda m: err.print(f"[yellow]warning:[/yellow] {m}"))

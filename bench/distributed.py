@@ -34,7 +34,6 @@ import contextlib
 import datetime
 import os
 import shutil
-import sys
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -94,17 +93,11 @@ def exchange_lists(W, P: int) -> list[list[np.ndarray]]:
     W: the topology's scipy.sparse matrix (Topology.sparse(t)) or a dense array; O(nnz log nnz) for a
     sparse one, never densified.
     """
-    import scipy.sparse as sp
+    from topologies.base import nonzero_entries
 
     n = W.shape[0]
     m = n // P
-    if sp.issparse(W):
-        coo = sp.coo_array(W)
-        nz = coo.data != 0
-        i, j = coo.row[nz].astype(np.int64), coo.col[nz].astype(np.int64)
-    else:
-        i, j = np.nonzero(np.asarray(W) != 0)
-        i, j = i.astype(np.int64), j.astype(np.int64)
+    i, j = nonzero_entries(W)
     inside = (i < P * m) & (j < P * m)  # as the dense slicing: rows and columns of the P blocks only
     i, j = i[inside], j[inside]
     r, s = (i // m, j // m) if m else (i, j)

@@ -690,7 +690,7 @@ def _tests(numeric_rows, display_rows, diffs, groups, base_of, baseline, paired=
             if c in ONE_POINT:
                 num[f"delta_{c}_seeds80_1pt"] = _power_seeds(ONE_POINT[c], d.std, alpha)
         if c == paired[0]:
-            one = f" / at 1 point" if c in ONE_POINT else ""
+            one = " / at 1 point" if c in ONE_POINT else ""
             notes.append(f"Δ: paired difference to {baseline} on the seeds both completed, mean ± 95% CI "
                          f"half-width (pairs); p: two-sided paired t test, Holm-corrected over the {m} comparisons "
                          f"of this table with 2 or more pairs (each metric is its own family); {SIGNIFICANT} "

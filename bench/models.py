@@ -250,7 +250,7 @@ def build_model(name: str, input_shape: tuple, num_classes: int) -> nn.Module:
         raise UserError(f"model {name!r} needs images (C x H x W); this data set has inputs of shape "
                         f"{'x'.join(map(str, input_shape))}; use mlp or cnn1d")
     if name == "cnn1d" and len(input_shape) != 2:
-        raise UserError(f"model 'cnn1d' needs 1-D signals (C x L); use cnn or mlp for images")
+        raise UserError("model 'cnn1d' needs 1-D signals (C x L); use cnn or mlp for images")
     return factory(input_shape, num_classes)
 
 

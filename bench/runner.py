@@ -40,7 +40,6 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-import topologies
 from algorithms import StepContext
 from algorithms.base import build as build_algorithm
 from bench import metrics, results

@@ -74,7 +74,7 @@ def _run_plan(p: Plan, out, err, counts: dict, done: set) -> None:
     skipped = len([r for r in p.runs if r.run_id not in done]) - len(todo)
     counts["skipped"] += skipped
     out.print(f"suite {p.suite.name}: {len(p.runs)} runs in {p.results} ({len(p.runs) - len(todo)} already done, "
-              f"{len(todo)} to run)" + (f"; the report runs come after tuning" if p.pending else ""),
+              f"{len(todo)} to run)" + ("; the report runs come after tuning" if p.pending else ""),
               highlight=False, soft_wrap=True)
     position = len(p.runs) - len(todo)
     try:

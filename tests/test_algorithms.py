@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import topologies
-from algorithms import PRESETS, RULES, StepContext
+from algorithms import PRESETS, StepContext
 from algorithms.adsam import noise_seed
 from bench.comm import SimulatedComm
 from bench.config import RunConfig
@@ -255,7 +255,6 @@ def test_dsgd_ac_step_matches_formula(tiny_cfg, synthetic, gamma_min, expected):
 
 
 def test_dsgd_ac_gamma_start_and_warmup():
-    from algorithms import RULES
 
     def rule(**kw):  # tests.helpers.component: a constant schedule at lr 0.1, so lr_start = 0.1
         return component(RunConfig(algo="dsgd-ac", lr=0.1, **kw), "comm", total_steps=100, epoch_len=10)

@@ -29,6 +29,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dsgdbench import app
+from helpers import assert_user_error, stderr_of
 
 CASE_TIMEOUT_S = 120  # a case that hangs (e.g. --epochs inf accepted) fails instead of blocking the file
 FAST_S = 10.0  # cases that must answer at once (no n x n matrix, no list of 10^8 seeds, no huge plan)
@@ -209,35 +210,6 @@ def invoke(*args) -> SimpleNamespace:
     return out
 
 
-def stderr_of(res) -> str:
-    try:
-        return res.stderr
-    except ValueError:  # click < 8.2 without mix_stderr
-        return res.output
-
-
-def assert_user_error(res, *needles, redact: dict | None = None) -> str:
-    """Exit 2, no traceback, exactly one line on stderr starting with 'error:', containing the needles.
-
-    redact: {path: placeholder} replaced in the line before the needles are looked for (the test's own
-    temporary paths must not supply a needle such as 'folder')."""
-    assert res.exception is None or isinstance(res.exception, SystemExit), (
-        f"unexpected exception {res.exception!r}\n{res.output}\n{getattr(res, 'where', '')}")
-    assert res.exit_code == 2, f"exit {res.exit_code}\n{res.output}"
-    assert "Traceback" not in res.output
-    err = stderr_of(res).strip()
-    lines = err.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
-    line = lines[0]
-    assert line.startswith("error:"), line
-    shown = line
-    for path, placeholder in (redact or {}).items():
-        shown = shown.replace(path, placeholder)
-    line = shown
-    for n in needles:  # a needle, or a tuple of alternatives
-        alts = n if isinstance(n, tuple) else (n,)
-        assert any(a.lower() in line.lower() for a in alts), f"{n!r} not in {line!r}"
-    return line
 
 
 def snapshot(root: Path) -> dict:

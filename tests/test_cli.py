@@ -31,6 +31,7 @@ from bench.errors import UserError
 from bench.data import DATASETS
 from bench.models import MODELS
 from dsgdbench import app
+from helpers import assert_user_error, stderr_of
 
 TINY = ["--dataset", "synthetic", "--batch", "8", "--steps", "5", "--eval-every", "1000"]  # one evaluation, at the end
 RUN_FILES = ("config.json", "metrics.csv", "summary.json", "model.pt")
@@ -51,13 +52,6 @@ def cli(*args, **kw):
     return runner.invoke(app, [str(a) for a in args], **kw)
 
 
-def stderr_of(res) -> str:
-    try:
-        return res.stderr
-    except ValueError:  # click < 8.2 without mix_stderr: stderr is mixed into output
-        return res.output
-
-
 def stdout_of(res) -> str:
     return res.stdout
 
@@ -67,20 +61,6 @@ def assert_ok(res):
     assert "Traceback" not in res.output
 
 
-def assert_user_error(res, *needles) -> str:
-    """Exit 2, no traceback, exactly one line on stderr starting with 'error:', containing the needles."""
-    assert res.exception is None or isinstance(res.exception, SystemExit), (
-        f"unexpected exception {res.exception!r}\n{res.output}")
-    assert res.exit_code == 2, f"exit {res.exit_code}\n{res.output}"
-    assert "Traceback" not in res.output
-    err = stderr_of(res).strip()
-    lines = err.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
-    line = lines[0]
-    assert line.startswith("error:"), line
-    for n in needles:
-        assert n.lower() in line.lower(), f"{n!r} not in {line!r}"
-    return line
 
 
 def run_dirs(root: Path) -> list[Path]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 
 from bench.data import DATASETS, Dataset, Sampler, epoch_steps, load_dataset, make_shards, parse_dirichlet
 from bench.errors import UserError
+from helpers import Py2Pickler
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -244,25 +244,9 @@ def test_split_validation(synth):
 # CIFAR in the real on-disk format
 
 
-class _Py2Pickler(pickle._Pickler):
-    """Writes `bytes` as Python 2 `str` (BINSTRING), so the file reads like the CIFAR originals:
-    keys are b"data" with encoding="bytes" and "data" with encoding="latin1"."""
-
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def save_bytes(self, obj):
-        if len(obj) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-        self.memoize(obj)
-
-    dispatch[bytes] = save_bytes
-
-
 def _dump_py2(obj, path: Path) -> None:
     buf = io.BytesIO()
-    _Py2Pickler(buf, protocol=2).dump(obj)
+    Py2Pickler(buf, protocol=2).dump(obj)
     path.write_bytes(buf.getvalue())
 
 

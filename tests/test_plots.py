@@ -132,6 +132,18 @@ def test_skipped_figures_are_noted(suite, tmp_path):
     assert len(notes) == 1 and notes[0].startswith("skipped eig_vs_acc.png") and "--hessian" in notes[0]
 
 
+def test_plot_tuned_on_tuning_seeds(tmp_path):
+    """plot --tune lr --tune-seeds 1: the lr chosen on seed 1, seed 0's runs of it drawn."""
+    root = tmp_path / "res"
+    for lr in ("0.05", "0.5"):
+        assert_ok(cli("run", "--algo", "csgd", *RUN, "--lr", lr, "--val-fraction", "0.25", "--no-hessian",
+                      "--results", root))
+    res = cli("plot", root, "--tune", "lr", "--tune-seeds", "1", "--out", tmp_path / "out")
+    assert_ok(res)
+    # no Hessian, one algorithm without a graph: the accuracy figure only
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["acc_vs_step.png"]
+
+
 def test_user_mistakes_exit_2(suite, tmp_path):
     (tmp_path / "empty").mkdir()
     assert_user_error(cli("plot", tmp_path / "empty"), "no finished runs")

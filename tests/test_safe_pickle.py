@@ -18,27 +18,13 @@ import pytest
 
 from bench import safe_pickle
 from bench.safe_pickle import UnsafePickleError
-
-
-class _Py2Pickler(pickle._Pickler):
-    """Writes `bytes` as Python 2 `str` (BINSTRING), like the CIFAR originals (as in tests/test_data.py)."""
-
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def save_bytes(self, obj):
-        if len(obj) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-        self.memoize(obj)
-
-    dispatch[bytes] = save_bytes
+from helpers import Py2Pickler
 
 
 def _dumps(obj, writer) -> bytes:
     buf = io.BytesIO()
     if writer == "py2":
-        _Py2Pickler(buf, protocol=2).dump(obj)
+        Py2Pickler(buf, protocol=2).dump(obj)
         # numpy 1.x (which wrote the CIFAR files) names numpy.core, numpy 2 numpy._core; GLOBAL is a text line
         return buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
     pickle.dump(obj, buf, protocol=writer)

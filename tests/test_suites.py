@@ -18,7 +18,6 @@ import pytest
 from typer.testing import CliRunner
 
 from bench import suites
-from bench.config import RunConfig
 from bench.errors import UserError
 from bench.models import MODELS
 from dsgdbench import app

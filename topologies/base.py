@@ -557,16 +557,21 @@ def is_row_stochastic(W) -> bool:
     return bool(np.abs(np.asarray(W).sum(axis=1) - 1.0).max() <= _SUM_TOL) if len(W) else True
 
 
+def nonzero_entries(W) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) as int64 of the nonzero entries of W, dense or sparse (never densified)."""
+    if sp.issparse(W):
+        coo = sp.coo_array(W)
+        keep = coo.data != 0
+        return coo.row[keep].astype(np.int64), coo.col[keep].astype(np.int64)
+    r, c = np.nonzero(np.asarray(W) != 0)
+    return r.astype(np.int64), c.astype(np.int64)
+
+
 def _union_graph(Ws: Sequence, n: int) -> sp.csr_array:
     """The union over Ws (dense or sparse) of the off-diagonal nonzeros, as a CSR array of ones."""
     rs, cs = [], []
     for W in Ws:
-        if sp.issparse(W):
-            coo = sp.coo_array(W)
-            keep = coo.data != 0
-            r, c = coo.row[keep].astype(np.int64), coo.col[keep].astype(np.int64)
-        else:
-            r, c = np.nonzero(np.asarray(W) != 0)
+        r, c = nonzero_entries(W)
         off = r != c
         rs.append(r[off])
         cs.append(c[off])

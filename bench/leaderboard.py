@@ -36,9 +36,11 @@ Paired differences against a baseline (--baseline ALGO)
     on every group key except those that follow from the algorithm
     (is_algorithm_key: RunConfig's fields of the algorithm role, such as the
     algorithm, its topology, components and lr, and every component parameter).
-    If several ALGO groups fit (an lr grid, say),
-    the match is refined on the keys they differ on (the same lr as the row);
-    if that does not leave exactly one, it is an error.
+    If several ALGO groups fit (an lr grid, or D-SGD on two graphs), the match is
+    refined on the keys they differ on (the same lr, the same topology as the row);
+    a row whose value of such a key none of them has (C-SGD, no graph, against D-SGD
+    on a ring and on an exponential graph) has no baseline: its cell says which key
+    (e.g. "no dsgd run at topology=allreduce").
 
 Tuning (--tune KEY [--tune-seeds S])
     Within each set of runs equal on everything but KEY and the seed, the value
@@ -465,11 +467,12 @@ def _sort_key(values: pd.Series) -> tuple:
 # baseline matching and time to accuracy
 
 
-def match_baselines(groups: list[dict], keys: list[str], algo: str) -> list[int | None]:
+def match_baselines(groups: list[dict], keys: list[str], algo: str) -> tuple[list[int | None], dict[int, str]]:
     """The index of each group's baseline group (see the module docstring).
 
     groups: the key values of each group. A group of `algo` is its own baseline;
-    None where no `algo` group ran the same workload.
+    None where no `algo` group ran the same workload. Also, for rows left without a baseline by
+    the refinement, the keys and values that none of the candidates has ("topology=allreduce").
     """
     if "algo" not in keys:
         raise UserError("--baseline compares algorithms: add algo to --by")
@@ -477,6 +480,7 @@ def match_baselines(groups: list[dict], keys: list[str], algo: str) -> list[int 
     other = [k for k in keys if k not in workload and k != "algo"]
     base = [j for j, g in enumerate(groups) if g["algo"] == algo]
     out: list[int | None] = []
+    why: dict[int, str] = {}
     for i, g in enumerate(groups):
         if g["algo"] == algo:
             out.append(i)
@@ -485,17 +489,13 @@ def match_baselines(groups: list[dict], keys: list[str], algo: str) -> list[int 
         if len(cands) > 1:
             differ = [k for k in other if len({_value(groups[j][k]) for j in cands}) > 1]
             refined = [j for j in cands if all(_same(groups[j][k], g[k]) for k in differ)]
-            if len(refined) != 1:
-                names = [k.removeprefix("cfg.") for k in differ]
-                spread = "; ".join(f"{n} = {', '.join(sorted({_value(groups[j][k]) for j in cands}))}"
-                                   for n, k in zip(names, differ))
-                row = ", ".join([g["algo"]] + [f"{n}={_value(g[k])}" for n, k in zip(names, differ)])
-                raise UserError(f"--baseline {algo}: {len(cands)} {algo} groups fit the row {row} ({spread}); "
-                                f"keep one per setting with --tune {names[0] if names else 'lr'} "
-                                f"or group with --by")
+            # distinct groups equal on the workload differ on a key of `differ`: at most one is left
+            if not refined:
+                why[i] = ", ".join(f"{k.removeprefix('cfg.')}={_value(g[k])}" for k in differ
+                                   if not any(_same(groups[j][k], g[k]) for j in cands))
             cands = refined
         out.append(cands[0] if cands else None)
-    return out
+    return out, why
 
 
 def paired_differences(runs: pd.DataFrame, base: pd.DataFrame, metric: str) -> Stats:
@@ -578,7 +578,7 @@ def leaderboard(df: pd.DataFrame, by: list[str] | None = None, metrics=DEFAULT_C
     shown = [c for c in metrics if _available(df, c)]
     groups = [(dict(zip(keys, key if isinstance(key, tuple) else (key,))), g)
               for key, g in df.groupby(keys, sort=False, dropna=False)]
-    base_of = match_baselines([k for k, _ in groups], keys, baseline) if baseline else None
+    base_of, no_base = match_baselines([k for k, _ in groups], keys, baseline) if baseline else (None, {})
     reach = time_to_target(df, target_acc) if target_acc is not None else None
 
     numeric_rows, display_rows, diffs = [], [], {}
@@ -652,7 +652,7 @@ def leaderboard(df: pd.DataFrame, by: list[str] | None = None, metrics=DEFAULT_C
 
     notes = []
     if base_of is not None:
-        notes += _tests(numeric_rows, display_rows, diffs, groups, base_of, baseline, paired)
+        notes += _tests(numeric_rows, display_rows, diffs, groups, base_of, baseline, paired, no_base)
     numeric = pd.DataFrame(numeric_rows)
     display = pd.DataFrame(display_rows)
     if "test_acc_mean" in numeric:
@@ -673,7 +673,7 @@ def leaderboard(df: pd.DataFrame, by: list[str] | None = None, metrics=DEFAULT_C
     return numeric, display
 
 
-def _tests(numeric_rows, display_rows, diffs, groups, base_of, baseline, paired=PAIRED[:1]) -> list[str]:
+def _tests(numeric_rows, display_rows, diffs, groups, base_of, baseline, paired=PAIRED[:1], no_base=None) -> list[str]:
     """Holm over each paired metric's comparisons in this table (one family per metric); power; the
     display columns of the metrics in `paired`. Notes."""
     notes = []
@@ -712,7 +712,7 @@ def _tests(numeric_rows, display_rows, diffs, groups, base_of, baseline, paired=
                     disp["p (Holm)"], disp["seeds for 80%"] = "", ""
                 continue
             if j is None:
-                disp[name] = f"no {baseline} run"
+                disp[name] = f"no {baseline} run" + (f" at {no_base[i]}" if no_base and i in no_base else "")
                 if first:
                     disp["p (Holm)"], disp["seeds for 80%"] = "—", "—"
                 continue

@@ -249,13 +249,17 @@ def test_baseline_matches_workload_and_lr(tmp_path):
         assert dd["Δ test acc vs csgd"] == "no csgd run" and d["delta_test_acc_n"] == 0
 
 
-def test_baseline_ambiguous_and_unknown(tmp_path):
+def test_baseline_without_a_match_and_unknown(tmp_path):
     for lr in (0.1, 0.2):
         write_run(tmp_path, "csgd", 0, 80.0, lr=lr)
     write_run(tmp_path, "dsgd", 0, 81.0, lr=0.4)
+    write_run(tmp_path, "dsgd", 0, 82.0, lr=0.2)
     df = frame(tmp_path)
-    with pytest.raises(UserError, match=r"2 csgd groups.*lr = 0.1, 0.2.*--tune lr.*--by"):
-        lb.leaderboard(df, baseline="csgd")
+    numeric, display = lb.leaderboard(df, baseline="csgd")  # two csgd lrs: a row at 0.4 matches neither
+    d, dd = row(numeric, display, algo="dsgd", lr=0.4)
+    assert dd["Δ test acc vs csgd"] == "no csgd run at lr=0.4" and d["delta_test_acc_n"] == 0
+    d, dd = row(numeric, display, algo="dsgd", lr=0.2)
+    assert d["delta_test_acc_mean"] == pytest.approx(2.0) and dd["Δ test acc vs csgd"] == "+2.00 (1)"
     with pytest.raises(UserError, match="'lamb'.*present: csgd, dsgd"):
         lb.leaderboard(df, baseline="lamb")
     with pytest.raises(UserError, match="add algo to --by"):
@@ -263,14 +267,20 @@ def test_baseline_ambiguous_and_unknown(tmp_path):
 
 
 def test_baseline_refines_on_topology(tmp_path):
-    # dsgd as the baseline of dsgd-ac: two dsgd topologies, each row finds the one it ran on
+    # dsgd as the baseline of dsgd-ac: two dsgd topologies, each row finds the one it ran on; C-SGD (no
+    # graph) and a graph D-SGD never ran have none, and their cells say why
     for topo, acc in (("ring", 80.0), ("torus", 84.0)):
         write_run(tmp_path, "dsgd", 0, acc, topology=topo)
         write_run(tmp_path, "dsgd-ac", 0, acc + 1.5, topology=topo)
+    write_run(tmp_path, "dsgd-ac", 0, 70.0, topology="exponential")
+    write_run(tmp_path, "csgd", 0, 90.0)
     numeric, display = lb.leaderboard(frame(tmp_path), metrics=("test_acc",), baseline="dsgd")
     for topo in ("ring", "torus"):
         d, dd = row(numeric, display, algo="dsgd-ac", topology=topo)
         assert d["delta_test_acc_mean"] == pytest.approx(1.5) and dd["Δ test acc vs dsgd"] == "+1.50 (1)"
+    assert row(numeric, display, algo="dsgd-ac", topology="exponential")[1]["Δ test acc vs dsgd"] == \
+        "no dsgd run at topology=exponential"
+    assert row(numeric, display, algo="csgd")[1]["Δ test acc vs dsgd"] == "no dsgd run at topology=allreduce"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -96,6 +96,8 @@ def device_of(cfg: RunConfig) -> torch.device:
 def prepare(cfg: RunConfig):
     """Validate, load the data set and resolve the configuration (no training)."""
     cfg.validate()
+    if cfg.deterministic:  # cuBLAS is deterministic only with a fixed workspace, set before its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device = device_of(cfg)
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
     if cfg.val_fraction > 0:

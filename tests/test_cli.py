@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -668,3 +669,23 @@ def test_plugin_component_runs_through_the_cli(tmp_path):
     assert json.loads((d / "summary.json").read_text())["status"] == "completed"
     assert_user_error(cli("run", *TINY, "--algo", "d-signum", "--beta", "1.5", "--results", root),
                       "--beta", "signum.beta", "[0, 1)")
+
+
+def test_deterministic_flag_is_recorded_and_changes_nothing_on_cpu(tmp_path, monkeypatch):
+    """--deterministic turns on torch's deterministic algorithms with the cuBLAS workspace they need (set
+    before any GPU use); CPU kernels are deterministic already, so the numbers equal a plain run's."""
+    import torch
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    args = ["run", *TINY, "--workers", "4", "--algo", "dsgd", "--no-hessian"]
+    try:
+        assert_ok(cli(*args, "--deterministic", "--results", tmp_path / "det"))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert_ok(cli(*args, "--results", tmp_path / "plain"))
+    (det,), (plain,) = run_dirs(tmp_path / "det"), run_dirs(tmp_path / "plain")
+    sd, sp = (json.loads((d / "summary.json").read_text()) for d in (det, plain))
+    assert sd["deterministic"] is True and sp["deterministic"] is False
+    assert sd["test_loss"] == sp["test_loss"] and sd["consensus_distance"] == sp["consensus_distance"]

@@ -11,6 +11,7 @@ import csv
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -671,3 +672,24 @@ def test_component_contract(reg, name):
     state = obj.state_dict()
     assert set(state) == set(cls.state_keys)
     obj.load_state_dict(state)
+
+
+@pytest.mark.parametrize("order", ["cta", "atc"])
+def test_gossip_rounds_mix_with_the_matrix_power(tiny_cfg, synthetic, tmp_path, order):
+    """gossip.rounds = k mixes with W^k: D-SGD with 2 rounds on a ring == D-SGD over the file topology W^2;
+    rounds = 1 is D-SGD itself (the same run id as the default); the bytes sent double."""
+    n = 5
+    W = topologies.get_topology("ring", n).weights(0)
+    path = tmp_path / "ring_squared.npy"
+    np.save(path, W @ W)
+    cfg = tiny_cfg.replace(algo="dsgd", workers=n, steps=6, order=order)
+    X2 = run_steps(cfg.replace(topology="ring", **{"gossip.rounds": 2}), synthetic)
+    torch.testing.assert_close(X2, run_steps(cfg.replace(topology=f"file:{path}"), synthetic), **EQ)
+    X1 = run_steps(cfg.replace(topology="ring"), synthetic)
+    assert (X2 - X1).abs().max() > 1e-6
+    n_train = len(synthetic.y_train)
+    one = cfg.replace(topology="ring", **{"gossip.rounds": 1}).validate().resolve(n_train, "mlp")
+    assert one.run_id() == cfg.replace(topology="ring").validate().resolve(n_train, "mlp").run_id()
+    topo = topologies.get_topology("ring", n)
+    assert component(cfg.replace(**{"gossip.rounds": 2}), "comm").bytes_per_step(n, topo, 100, 4) == \
+        2 * component(cfg, "comm").bytes_per_step(n, topo, 100, 4)

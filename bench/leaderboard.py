@@ -390,7 +390,9 @@ def tune_runs(df: pd.DataFrame, keys: list[str], tune_seeds=None, where: str = "
         keep.update({i: len(ranking) for i in reported})
         first = df.loc[best[0]]
         v_best = t_interval(val[best[~failed[best]]])
-        edge = [k for k, c in zip(keys, cols) if _at_edge(first[c], [df.loc[r.rows[0], c] for r in ranking])]
+        # an edge means "the best may lie outside the grid"; where every value failed, none is best
+        edge = [] if ranking[0].failed == 1.0 else \
+            [k for k, c in zip(keys, cols) if _at_edge(first[c], [df.loc[r.rows[0], c] for r in ranking])]
         at_edge.update({i: ",".join(edge) for i in reported})
         choices.append({**{c.removeprefix("cfg."): first[c] for c in varying},
                         **{k: first[c] for k, c in zip(keys, cols)},

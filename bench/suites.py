@@ -521,7 +521,7 @@ def _config_text(suite: Suite, cfg: RunConfig) -> str:
     """The grid keys that place a configuration (not the tuned ones), for messages."""
     out = []
     for k in suite.grid:
-        if k in suite.tune or k == "algo":
+        if k in suite.tune or k == "algo" or (k == "topology" and not cfg.needs_topology()):
             continue
         try:
             out.append(f"{k}={_tuned_value(cfg, k)}")

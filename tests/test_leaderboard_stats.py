@@ -446,6 +446,21 @@ def test_tune_edge_at_the_smallest_value(tmp_path):
     assert choices.iloc[0]["reported"] == 0
 
 
+def test_no_edge_when_every_value_failed(tmp_path):
+    """Every value of the grid diverged: the choice (the smallest, by the tie rule) is no evidence that the
+    best lies beyond the grid, so it is not flagged."""
+    for lr in (0.05, 0.1, 0.2):
+        for seed in TUNE:
+            write_run(tmp_path, "d2", seed, DIVERGED, lr=lr)
+            write_run(tmp_path, "dsgd", seed, 80.0, lr=lr, val_acc=90.0 - 100 * lr)  # best at 0.05: an edge
+    _, choices = lb.tune_runs(lb.runs_frame(str(tmp_path)), ["lr"], tune_seeds=TUNE)
+    choices = choices.set_index("algo")
+    assert choices.loc["d2", "lr"] == 0.05 and choices.loc["d2", "failed"] == 2 and choices.loc["d2", "edge"] == ""
+    assert choices.loc["dsgd", "edge"] == "lr"
+    choices = choices.loc[["d2"]].reset_index()
+    assert not any("edge" in ln for ln in lb.tune_warnings(choices, ["lr"], TUNE))
+
+
 def test_cli_compare_tune_seeds(tmp_path):
     root = tune_folder(tmp_path / "res")
     res = CliRunner().invoke(app, ["compare", str(root), "--tune", "lr", "--tune-seeds", "100,101", "--columns",

@@ -62,8 +62,10 @@ FALLBACK_MARKERS = ("d", ">", "H", "8")
 LINESTYLES = ("-", "--", "-.", ":")
 
 # Keys whose values get a panel of their own (when the groups differ in them).
-WORKLOAD_KEYS = ("dataset", "model", "workers", "total_batch")
-KEY_NAMES = {"workers": "n", "total_batch": "total batch", "dataset": "data", "model": "model"}
+WORKLOAD_KEYS = ("dataset", "model", "workers", "total_batch", "partition")
+KEY_NAMES = {"workers": "n", "total_batch": "total batch", "dataset": "data", "model": "model",
+             "partition": "partition"}
+LEGEND_ROW_INCHES = 0.19  # height of one legend row under a panel (fontsize small), added to the figure
 
 FILES = {"acc": "acc_vs_step.png", "consensus": "consensus.png", "eig": "eig_vs_acc.png"}
 ACC_LABEL = "test accuracy (%)"
@@ -228,13 +230,16 @@ def _series(curves: dict, run_dir: str, column: str, positive: bool = False) -> 
 # drawing
 
 
-def _new_figure(n_panels: int, title: str):
+def _new_figure(n_panels: int, title: str, legend_entries: int = 0):
+    """legend_entries: the most entries of a legend under a panel; the figure grows to hold them, so
+    the panels keep their size however many configurations a suite has."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     cols = min(MAX_COLUMNS, n_panels)
     rows = math.ceil(n_panels / cols)
-    fig = Figure(figsize=(PANEL_WIDTH * cols, PANEL_HEIGHT * rows + 0.4), dpi=110, layout="constrained")
+    legend = LEGEND_ROW_INCHES * math.ceil(legend_entries / BELOW["ncol"])
+    fig = Figure(figsize=(PANEL_WIDTH * cols, (PANEL_HEIGHT + legend) * rows + 0.4), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n_panels)]
     fig.suptitle(title, fontsize="large")
@@ -323,7 +328,7 @@ def _acc_figure(df: pd.DataFrame, all_panels: list[_Panel], curves: dict):
     if not panels:
         return None
     fig, axes = _new_figure(len(panels), "Test accuracy of the averaged model vs step\n"
-                                         "line: mean over seeds, band: ±std")
+                                         "line: mean over seeds, band: ±std", max(len(p.configs) for p in panels))
     for ax, panel in zip(axes, panels):
         for cfg, ls in zip(panel.configs, _styles(panel.configs)):
             _draw_config(ax, cfg, curves, "test_acc", colors[cfg.algo], markers[cfg.topology], ls, band="std")
@@ -348,7 +353,8 @@ def _consensus_figure(df: pd.DataFrame, all_panels: list[_Panel], curves: dict):
     if not panels:
         return None
     fig, axes = _new_figure(len(panels), "Consensus distance of the decentralized runs vs step\n"
-                                         "line: mean over seeds, band: min–max over seeds")
+                                         "line: mean over seeds, band: min–max over seeds",
+                            max(len(p.configs) for p in panels) + 1)  # + DSGD-AC's gamma
     for ax, panel in zip(axes, panels):
         twin, spans, ends = None, [], []
         for cfg, ls in zip(panel.configs, _styles(panel.configs)):

@@ -233,6 +233,19 @@ def test_one_panel_per_workload_value(suite):
     assert {ln.get_gid() for ln in fig.axes[1].get_lines()} == {"algo:dsgd"}
 
 
+def test_partition_gets_a_panel_and_legends_get_room(suite):
+    df = runs_frame(str(suite))
+    one = plots.build_figures(df)["acc"]
+    df = pd.concat([df, df.assign(**{"cfg.partition": "dirichlet:0.1"})])  # as if run on non-IID shards too
+    fig = plots.build_figures(df)["acc"]
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(titles) == 2 and any("partition=dirichlet:0.1" in t for t in titles)
+    # the figure is taller by the legend rows, so the panel is not squeezed by a long legend
+    many = pd.concat([df.assign(**{"cfg.lr": lr}) for lr in (0.1, 0.2, 0.3, 0.4)])
+    tall = plots.build_figures(many)["acc"]
+    assert tall.get_figheight() > fig.get_figheight() >= one.get_figheight()
+
+
 def test_diverged_runs_end_early_and_are_labelled(suite, tmp_path):
     root = copy_runs(suite, tmp_path / "runs")
     # One seed of D-SGD diverged after step 4 (rewritten the way the runner writes a diverged run) ...

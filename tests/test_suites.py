@@ -121,10 +121,12 @@ def test_shipped_suites_are_package_data():
 # (runs planned now, report runs planned after tuning): counted by hand from the TOML files
 @pytest.mark.parametrize("name,count,pending", [
     ("quick", 7 * 3, 0), ("quick-tune", 7 * 4 * 2, 7 * 3), ("large-batch", 3 * 2 * 6 * 2, 3 * 2 * 10),
-    ("dsgdac", 6 * 5 * 2, 6 * 6), ("beyond", 38 * 3 * 2, 38 * 3), ("zhu2023-fig1", 8, 0), ("dsgdac-table", 21, 0)])
+    ("dsgdac", 6 * 5 * 2, 6 * 6), ("beyond", 226 * 2, 38 * 3), ("zhu2023-fig1", 8, 0), ("dsgdac-table", 21, 0)])
 def test_shipped_suite_expands(name, count, pending, wrn, tmp_path):
     """dsgdac: csgd, dsgd, sam and dsgd-ac with p = 1, 2, 3; beyond: 8 gossip methods x 2 graphs x 2 partitions
-    + 3 graph-free ones x 2 partitions = 38 configurations."""
+    + 3 graph-free ones x 2 partitions = 38 configurations, with their lr grids: 6 values (csgd 2, dsgd, qg-dsgdm,
+    decentlam, choco 16, sgp 4, local-sgd 2 configurations: 24 x 6), dsgt 4 x 8, d2 and exact-diffusion 8 x 5,
+    diloco 2 x 5: 226 points."""
     # an empty results folder (nothing tuned yet) and an empty data folder (CIFAR suites plan without CIFAR)
     p = planned(name, data_dir=str(tmp_path), results=str(tmp_path / "res"))
     assert len(p.runs) == count and p.pending == pending

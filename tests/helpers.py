@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import struct
+from pathlib import Path
 
 import torch
 
@@ -78,3 +80,16 @@ class Py2Pickler(pickle._Pickler):
         self.memoize(obj)
 
     dispatch[bytes] = save_bytes
+
+
+def snapshot(root) -> dict:
+    """Every file and folder under root: (size, mtime_ns, sha1) of files, None for folders; equal
+    snapshots before and after a command mean it changed nothing there."""
+    snap = {}
+    for f in sorted(Path(root).rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            snap[str(f.relative_to(root))] = (st.st_size, st.st_mtime_ns, hashlib.sha1(f.read_bytes()).hexdigest())
+        else:
+            snap[str(f.relative_to(root))] = None
+    return snap

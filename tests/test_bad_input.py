@@ -14,7 +14,6 @@ writing to {R} (a bad case must be rejected before it writes anything there).
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
 import re
 import resource
@@ -29,7 +28,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dsgdbench import app
-from helpers import assert_user_error, stderr_of
+from helpers import assert_user_error, snapshot, stderr_of
 
 CASE_TIMEOUT_S = 120  # a case that hangs (e.g. --epochs inf accepted) fails instead of blocking the file
 FAST_S = 10.0  # cases that must answer at once (no n x n matrix, no list of 10^8 seeds, no huge plan)
@@ -210,18 +209,6 @@ def invoke(*args) -> SimpleNamespace:
     return out
 
 
-
-
-def snapshot(root: Path) -> dict:
-    """Every file and folder under root: (size, mtime_ns, sha1) of files, None for folders."""
-    snap = {}
-    for f in sorted(Path(root).rglob("*")):
-        if f.is_file():
-            st = f.stat()
-            snap[str(f.relative_to(root))] = (st.st_size, st.st_mtime_ns, hashlib.sha1(f.read_bytes()).hexdigest())
-        else:
-            snap[str(f.relative_to(root))] = None
-    return snap
 
 
 def _inputs(t: Path) -> None:

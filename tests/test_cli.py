@@ -9,7 +9,6 @@ Fixtures live in this file on purpose (no conftest.py).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -32,7 +31,7 @@ from bench.errors import UserError
 from bench.data import DATASETS
 from bench.models import MODELS
 from dsgdbench import app
-from helpers import assert_user_error, stderr_of
+from helpers import assert_user_error, snapshot, stderr_of
 
 TINY = ["--dataset", "synthetic", "--batch", "8", "--steps", "5", "--eval-every", "1000"]  # one evaluation, at the end
 RUN_FILES = ("config.json", "metrics.csv", "summary.json", "model.pt")
@@ -70,16 +69,6 @@ def run_dirs(root: Path) -> list[Path]:
 
 def summaries(root: Path) -> list[dict]:
     return [json.loads((d / "summary.json").read_text()) for d in run_dirs(root)]
-
-
-def snapshot(root: Path) -> dict:
-    """Every file under root: (size, mtime_ns, sha1)."""
-    snap = {}
-    for f in sorted(Path(root).rglob("*")):
-        if f.is_file():
-            st = f.stat()
-            snap[str(f.relative_to(root))] = (st.st_size, st.st_mtime_ns, hashlib.sha1(f.read_bytes()).hexdigest())
-    return snap
 
 
 def read_csv_text(text: str) -> pd.DataFrame:

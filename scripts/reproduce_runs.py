@@ -35,6 +35,14 @@ def same(a, b) -> bool:
     return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
+def metrics(run_dir: Path) -> pd.DataFrame:
+    """metrics.csv without its clock; empty for a run that diverged before its first evaluation."""
+    try:
+        return pd.read_csv(run_dir / "metrics.csv").drop(columns=["train_seconds"])
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
 def check(run_dir: Path, out: Path) -> bool:
     if not (run_dir / "summary.json").is_file():
         print(f"{run_dir}: not a finished run folder (no summary.json)")
@@ -48,9 +56,7 @@ def check(run_dir: Path, out: Path) -> bool:
     new = runner.run(cfg, force=True)
     diffs = [k for k, v in old.items() if k not in SKIP and v is not None and not same(v, new.get(k))]
     added = [k for k, v in new.items() if k not in SKIP and old.get(k) is None and v is not None]
-    m_old = pd.read_csv(run_dir / "metrics.csv").drop(columns=["train_seconds"])
-    m_new = pd.read_csv(out / old["run_id"] / "metrics.csv").drop(columns=["train_seconds"])
-    curves = m_old.equals(m_new)
+    curves = metrics(run_dir).equals(metrics(out / old["run_id"]))
     print(f"{run_dir.name} ({old.get('versions', {}).get('git')}, {old['status']}): "
           f"summary {'equal' if not diffs else 'DIFFERS in ' + ', '.join(diffs)}; "
           f"metrics.csv {'equal' if curves else 'DIFFERS'}" + (f"; added {', '.join(added)}" if added else ""),

@@ -37,6 +37,7 @@ per uint8 (the reference: 32 per int32) and maps v = 0 to +1 (the packed bit has
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -89,7 +90,7 @@ class Identity(Compressor):
         return d * element_size
 
 
-class Sparsifier(Compressor):
+class Sparsifier(Compressor, ABC):
     """Keeps k_l entries of each tensor; payload: their values and int64 positions in the flat vector."""
 
     params = (RATIO,)
@@ -98,8 +99,9 @@ class Sparsifier(Compressor):
         super().__init__(hp, ctx)
         self.ks = [max(1, int(n * hp.ratio)) for n in self.sizes]
 
+    @abstractmethod
     def indices(self, V, workers, step, seed) -> torch.Tensor:
-        raise NotImplementedError
+        """The [rows, k] int64 positions each worker keeps."""
 
     def encode(self, V, workers, step, seed):
         idx = self.indices(V, workers, step, seed)

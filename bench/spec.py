@@ -52,6 +52,7 @@ The interfaces (typing.Protocol, checked by the generic tests):
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Callable, Optional, Protocol, runtime_checkable
@@ -251,8 +252,8 @@ class Component:
                 setattr(self, k, v.clone() if isinstance(v, torch.Tensor) else v)
 
 
-class RuleBase(Component):
-    """Defaults of a communication rule (see Rule below)."""
+class RuleBase(Component, ABC):
+    """Defaults of a communication rule (see Rule below); a rule states what it sends per step."""
 
     needs_topology = False
     topology_kind = "doubly"
@@ -264,8 +265,9 @@ class RuleBase(Component):
     def log(self, ctx) -> dict:
         return {}
 
+    @abstractmethod
     def sends_per_step(self, n: int, topology) -> float:
-        raise NotImplementedError
+        """Model-sized messages one worker sends per step (averaged over the run)."""
 
     def bytes_per_step(self, n: int, topology, d: int, element_size: int) -> float:
         return self.sends_per_step(n, topology) * d * element_size
